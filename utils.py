@@ -1,0 +1,132 @@
+"""The one loader of this repository: a checkpoint path or hub id -> (model, tokenizer), on the right
+device and dtype, optionally quantized or with a P-Tuning prefix. Every script goes through here."""
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from chatglm_6b.configuration_chatglm import ChatGLMConfig
+from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration
+from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_MODEL_PATH = os.path.join(ROOT, "demo_model")
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or unreadable; the message is one line for the user."""
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for, but torch sees no CUDA GPU (or no driver).")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CheckpointError("--device mps was asked for, but MPS is not available on this machine.")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPUs (the original's choice), fp32 on CPU (fp16 matmuls are slow or missing there)."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def _resolve(model_path: str) -> str:
+    """A local directory as is; anything that looks like a path but is not a directory is an error;
+    everything else is taken as a hub id."""
+    expanded = os.path.expanduser(model_path)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded) or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
+        raise CheckpointError(f"model path {model_path!r} is not a checkpoint directory.")
+    return model_path
+
+
+def load_prefix_encoder(model: ChatGLMForConditionalGeneration, ptuning_checkpoint: str) -> None:
+    """Loads the P-Tuning prefix encoder weights saved by ptuning/ (the only trained weights there)."""
+    weights = None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(ptuning_checkpoint, name)
+        if os.path.isfile(path):
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                weights = load_file(path)
+            else:
+                weights = torch.load(path, map_location="cpu", weights_only=True)
+            break
+    if weights is None:
+        raise CheckpointError(f"no model.safetensors or pytorch_model.bin in P-Tuning checkpoint {ptuning_checkpoint!r}.")
+    prefix = {k.split("prefix_encoder.", 1)[1]: v for k, v in weights.items() if "prefix_encoder." in k}
+    if not prefix:
+        raise CheckpointError(f"{ptuning_checkpoint!r} holds no prefix_encoder weights.")
+    model.transformer.prefix_encoder.load_state_dict(prefix)
+
+
+def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "auto", dtype: Optional[torch.dtype] = None,
+                             quantize: Optional[int] = None, ptuning_checkpoint: Optional[str] = None,
+                             pre_seq_len: Optional[int] = None, prefix_projection: bool = False
+                             ) -> Tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
+    """Loads a ChatGLM-6B-format checkpoint (the demo checkpoint by default) in eval mode.
+
+    model_path: a local directory (sharded .bin with its index, or safetensors) or a hub id.
+    device: auto | cpu | cuda | mps. dtype: default fp16 on GPUs, fp32 on CPU.
+    quantize: 4 or 8 for weight-only INT4/INT8. ptuning_checkpoint/pre_seq_len: a P-Tuning v2 prefix.
+    Raises CheckpointError with a one-line message when the checkpoint cannot be used.
+    """
+    path = _resolve(model_path or DEMO_MODEL_PATH)
+    target = pick_device(device)
+    dtype = dtype or default_dtype(target)
+    try:
+        config = ChatGLMConfig.from_pretrained(path)
+        if ptuning_checkpoint is not None or pre_seq_len is not None:
+            config.pre_seq_len = pre_seq_len or config.pre_seq_len
+            config.prefix_projection = prefix_projection
+            if not config.pre_seq_len:
+                raise CheckpointError("a P-Tuning checkpoint needs --pre-seq-len (the PRE_SEQ_LEN it was trained with).")
+        tokenizer = ChatGLMTokenizer.from_pretrained(path)
+        model, info = ChatGLMForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype,
+                                                                      output_loading_info=True)
+    except CheckpointError:
+        raise
+    except Exception as error:  # every library error becomes one line naming the checkpoint
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot load checkpoint {model_path or DEMO_MODEL_PATH!r}: {message}") from error
+    missing = [k for k in info["missing_keys"] if "prefix_encoder" not in k]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: {len(missing)} weights missing, e.g. {missing[0]}")
+    if ptuning_checkpoint is not None:
+        load_prefix_encoder(model, ptuning_checkpoint)
+    if quantize:
+        model.quantize(quantize)
+    return model.to(target).eval(), tokenizer
+
+
+CODE_DIR = os.path.join(ROOT, "chatglm_6b")
+AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+
+
+def save_checkpoint(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, out_dir: str) -> None:
+    """Saves weights (safetensors), config, tokenizer and our model code side by side, so the directory
+    loads with `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` as well as with this repo."""
+    import shutil
+
+    os.makedirs(out_dir, exist_ok=True)
+    model.config.auto_map = AUTO_MAP
+    model.config.architectures = ["ChatGLMModel"]
+    model.save_pretrained(out_dir)
+    tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+    tokenizer.save_pretrained(out_dir)
+    for name in sorted(os.listdir(CODE_DIR)):
+        if name.endswith((".py", ".cpp")) and name != "__init__.py":
+            shutil.copyfile(os.path.join(CODE_DIR, name), os.path.join(out_dir, name))
