@@ -1,8 +1,10 @@
 """The one loader of this repository: a checkpoint path or hub id -> (model, tokenizer), on the right
 device and dtype, optionally quantized or with a P-Tuning prefix. Every script goes through here."""
+import argparse
 import logging
 import os
-from typing import Optional, Tuple
+import sys
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -43,6 +45,9 @@ def _resolve(model_path: str) -> str:
     everything else is taken as a hub id."""
     expanded = os.path.expanduser(model_path)
     if os.path.isdir(expanded):
+        for required in ("config.json", "ice_text.model"):
+            if not os.path.isfile(os.path.join(expanded, required)):
+                raise CheckpointError(f"{model_path!r} is not a ChatGLM checkpoint: it has no {required}.")
         return expanded
     if os.path.exists(expanded) or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
         raise CheckpointError(f"model path {model_path!r} is not a checkpoint directory.")
@@ -72,18 +77,21 @@ def load_prefix_encoder(model: ChatGLMForConditionalGeneration, ptuning_checkpoi
 
 def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "auto", dtype: Optional[torch.dtype] = None,
                              quantize: Optional[int] = None, ptuning_checkpoint: Optional[str] = None,
-                             pre_seq_len: Optional[int] = None, prefix_projection: bool = False
-                             ) -> Tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
+                             pre_seq_len: Optional[int] = None, prefix_projection: bool = False,
+                             num_gpus: int = 1) -> Tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
     """Loads a ChatGLM-6B-format checkpoint (the demo checkpoint by default) in eval mode.
 
     model_path: a local directory (sharded .bin with its index, or safetensors) or a hub id.
     device: auto | cpu | cuda | mps. dtype: default fp16 on GPUs, fp32 on CPU.
     quantize: 4 or 8 for weight-only INT4/INT8. ptuning_checkpoint/pre_seq_len: a P-Tuning v2 prefix.
+    num_gpus: > 1 splits the layers over that many CUDA GPUs (embeddings, final norm and head on GPU 0).
     Raises CheckpointError with a one-line message when the checkpoint cannot be used.
     """
     path = _resolve(model_path or DEMO_MODEL_PATH)
     target = pick_device(device)
     dtype = dtype or default_dtype(target)
+    if num_gpus > 1 and (target.type != "cuda" or torch.cuda.device_count() < num_gpus):
+        raise CheckpointError(f"--num-gpus {num_gpus} needs that many CUDA GPUs; torch sees {torch.cuda.device_count()}.")
     try:
         config = ChatGLMConfig.from_pretrained(path)
         if ptuning_checkpoint is not None or pre_seq_len is not None:
@@ -92,8 +100,9 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
             if not config.pre_seq_len:
                 raise CheckpointError("a P-Tuning checkpoint needs --pre-seq-len (the PRE_SEQ_LEN it was trained with).")
         tokenizer = ChatGLMTokenizer.from_pretrained(path)
+        device_map = gpu_device_map(config.num_layers, num_gpus) if num_gpus > 1 else None
         model, info = ChatGLMForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype,
-                                                                      output_loading_info=True)
+                                                                      device_map=device_map, output_loading_info=True)
     except CheckpointError:
         raise
     except Exception as error:  # every library error becomes one line naming the checkpoint
@@ -106,7 +115,44 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
         load_prefix_encoder(model, ptuning_checkpoint)
     if quantize:
         model.quantize(quantize)
-    return model.to(target).eval(), tokenizer
+    if num_gpus <= 1:
+        model = model.to(target)
+    return model.eval(), tokenizer
+
+
+def gpu_device_map(num_layers: int, num_gpus: int) -> Dict[str, int]:
+    """Embeddings, final norm and lm_head on GPU 0 (they count as about two layers), the layers spread
+    evenly over the GPUs after that, as the original's multi-GPU loader placed them."""
+    per_gpu = (num_layers + 2) / num_gpus
+    device_map = {"transformer.word_embeddings": 0, "transformer.final_layernorm": 0, "lm_head": 0}
+    for i in range(num_layers):
+        device_map[f"transformer.layers.{i}"] = min(int((i + 2) // per_gpu), num_gpus - 1)
+    return device_map
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The model options every front-end takes."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model-path", default=None,
+                       help="checkpoint directory or hub id (default: the demo checkpoint in demo_model/; "
+                            "THUDM/chatglm-6b for the real model)")
+    group.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="weight-only INT4 or INT8")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                       help="auto picks CUDA, then MPS, then CPU")
+    group.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
+    group.add_argument("--ptuning-checkpoint", default=None, help="a P-Tuning v2 checkpoint directory from ptuning/")
+    group.add_argument("--pre-seq-len", type=int, default=None, help="PRE_SEQ_LEN of that P-Tuning checkpoint")
+    return parser
+
+
+def load_from_args(args: argparse.Namespace):
+    """load_model_and_tokenizer from add_model_args' options; a bad checkpoint exits with one line."""
+    try:
+        return load_model_and_tokenizer(args.model_path, device=args.device, quantize=args.quantize,
+                                        ptuning_checkpoint=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len,
+                                        num_gpus=args.num_gpus)
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
 
 
 CODE_DIR = os.path.join(ROOT, "chatglm_6b")

@@ -202,6 +202,19 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers makes every loaded float weight trainable; P-Tuning trains the prefix alone.
+        result = super().from_pretrained(*args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        if model.config.pre_seq_len is not None:
+            model.freeze_all_but_prefix()
+        return result
+
+    def freeze_all_but_prefix(self):
+        for name, param in self.named_parameters():
+            param.requires_grad = "prefix_encoder." in name
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, RotaryEmbedding):
@@ -246,12 +259,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         if self.pre_seq_len is not None:
-            for param in self.parameters():
-                param.requires_grad = False
             self.prefix_encoder = PrefixEncoder(config)
             self.dropout = nn.Dropout(0.1)
         self.gradient_checkpointing = False
         self.post_init()
+        if self.pre_seq_len is not None:
+            self.freeze_all_but_prefix()
 
     def get_input_embeddings(self):
         return self.word_embeddings
