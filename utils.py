@@ -165,14 +165,19 @@ AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
 def save_checkpoint(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, out_dir: str) -> None:
     """Saves weights (safetensors), config, tokenizer and our model code side by side, so the directory
     loads with `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` as well as with this repo."""
-    import shutil
-
     os.makedirs(out_dir, exist_ok=True)
     model.config.auto_map = AUTO_MAP
     model.config.architectures = ["ChatGLMModel"]
     model.save_pretrained(out_dir)
     tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
     tokenizer.save_pretrained(out_dir)
+    copy_model_code(out_dir)
+
+
+def copy_model_code(out_dir: str) -> None:
+    """Puts the current chatglm_6b/*.py beside a checkpoint (transformers' remote code)."""
+    import shutil
+
     for name in sorted(os.listdir(CODE_DIR)):
-        if name.endswith((".py", ".cpp")) and name != "__init__.py":
+        if name.endswith(".py") and name != "__init__.py":
             shutil.copyfile(os.path.join(CODE_DIR, name), os.path.join(out_dir, name))

@@ -1,0 +1,529 @@
+"""ChatGLM-6B (GLM) in PyTorch, checkpoint-compatible with THUDM/chatglm-6b.
+
+The network is computed exactly as the original: per layer, LayerNorm -> self-attention with a fused
+`query_key_value` and 2-D rotary embeddings -> residual `ln_out * alpha + attn` -> LayerNorm -> GELU MLP
+-> residual `ln_out * alpha + mlp`, alpha = sqrt(2 * num_layers). Internally tensors are batch-first
+([B, L, H]); the base model returns hidden states sequence-first ([L, B, H]) like the original.
+The KV cache is a transformers `Cache` ([B, heads, L, head_dim] per layer).
+"""
+import queue
+import re
+import threading
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_chatglm import ChatGLMConfig
+from .tokenization_chatglm import glm_attention_mask, glm_position_ids
+
+# Added to masked attention scores: finite, so that fully padded rows stay finite (an -inf row gives NaN).
+MASK_FILL_VALUE = -10000.0
+
+
+def build_prompt(query: str, history: Optional[List[Tuple[str, str]]] = None) -> str:
+    """The multi-turn prompt of the original: the bare query without history, else `[Round i]` turns."""
+    if not history:
+        return query
+    prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
+    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+_PUNCTUATION = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")]
+
+
+def process_response(response: str) -> str:
+    """The original's post-processing: strip, fill the training-time placeholder, and use Chinese
+    punctuation next to Chinese characters (the tokenizer's NFKC normaliser turns it into ASCII)."""
+    response = response.strip().replace("[[训练时间]]", "2023年")
+    for ascii_mark, chinese_mark in _PUNCTUATION:
+        response = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % chinese_mark, response)
+        response = re.sub(r"%s([\u4e00-\u9fff])" % ascii_mark, r"%s\1" % chinese_mark, response)
+    return response
+
+
+class InvalidScoreLogitsProcessor(LogitsProcessor):
+    """Replaces NaN/+inf scores (fp16 overflow) by a distribution that picks token 5, as the original.
+    -inf is legitimate here: transformers' top-p/top-k warpers run before this processor and write it."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+            scores.zero_()
+            scores[..., 5] = 5e4
+        return scores
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2: `pre_seq_len` learned prefix tokens -> past keys and values of every layer.
+    Output: [B, pre_seq_len, num_layers * 2 * hidden_size]."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        kv_size = config.num_layers * config.hidden_size * 2
+        self.prefix_projection = config.prefix_projection
+        if self.prefix_projection:
+            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.trans = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(),
+                                       nn.Linear(config.hidden_size, kv_size))
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+
+    def forward(self, prefix: torch.LongTensor) -> torch.Tensor:
+        embedded = self.embedding(prefix)
+        return self.trans(embedded) if self.prefix_projection else embedded
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, dim: int, base: int = 10000):
+        super().__init__()
+        self.dim, self.base = dim, base
+        # Part of the original state dict, rounded to fp16 there: the same rounding gives the same logits.
+        self.register_buffer("inv_freq", self.compute_inv_freq())
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return (1.0 / (self.base ** (torch.arange(0, self.dim, 2).float() / self.dim))).half()
+
+    def forward(self, position_ids: torch.LongTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, L] -> cos, sin [B, L, 1, dim] in fp32 (the original's fp16 tables lose
+        integer precision past position 2048)."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.position_encoding_2d = config.position_encoding_2d
+        self.rotary_emb = RotaryEmbedding(self.head_dim // 2 if self.position_encoding_2d else self.head_dim)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
+                past_key_values: Optional[Cache] = None, output_attentions: bool = False):
+        # hidden_states [B, L, H]; position_ids [B, 2, L] (or [B, L] for the 1-D variant)
+        # attention_bias [B or 1, 1, L, prefix + past + L] additive, or None
+        B, L, _ = hidden_states.shape
+        # The fused projection is laid out per head as [q_h, k_h, v_h].
+        qkv = self.query_key_value(hidden_states).view(B, L, self.num_heads, 3 * self.head_dim)
+        q, k, v = qkv.chunk(3, dim=-1)  # [B, L, nh, hd] each
+        if self.position_encoding_2d:
+            # First half of each head rotates by position, second half by block position.
+            q1, q2 = q.chunk(2, dim=-1)
+            k1, k2 = k.chunk(2, dim=-1)
+            cos, sin = self.rotary_emb(position_ids[:, 0])
+            block_cos, block_sin = self.rotary_emb(position_ids[:, 1])
+            q = torch.cat([apply_rotary(q1, cos, sin), apply_rotary(q2, block_cos, block_sin)], dim=-1)
+            k = torch.cat([apply_rotary(k1, cos, sin), apply_rotary(k2, block_cos, block_sin)], dim=-1)
+        else:
+            cos, sin = self.rotary_emb(position_ids)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nh, L, hd]
+        if prefix_key is not None:
+            k, v = torch.cat([prefix_key, k], dim=2), torch.cat([prefix_value, v], dim=2)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_id)  # [B, nh, past + L, hd]
+
+        if output_attentions:
+            scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
+            if attention_bias is not None:
+                scores = scores + attention_bias
+            probs = F.softmax(scores.float(), dim=-1).to(v.dtype)
+            context = probs @ v
+        else:
+            probs = None
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
+        context = context.transpose(1, 2).reshape(B, L, -1)  # [B, L, H]
+        return self.dense(context), probs
+
+
+class GLU(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        inner = config.inner_hidden_size or 4 * config.hidden_size
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, inner)
+        self.dense_4h_to_h = nn.Linear(inner, config.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    # The prefix enters as plain tensors, so re-running the block under checkpointing is side-effect free.
+    _can_checkpoint_with_cache = False
+
+    def __init__(self, config: ChatGLMConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config, layer_id)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = GLU(config)
+        # sqrt(2 * 28) whatever num_layers is: the original never passes num_layers to its blocks, so
+        # every checkpoint made with its code (any depth) was trained with the 6B model's 28.
+        self.alpha = (2 * 28) ** 0.5
+
+    def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
+                past_key_values: Optional[Cache] = None, output_attentions: bool = False):
+        # GLM's residual adds the *normalised* input, scaled by alpha.
+        attention_input = self.input_layernorm(hidden_states)
+        attention_output, probs = self.attention(attention_input, position_ids, attention_bias, prefix_key,
+                                                 prefix_value, past_key_values=past_key_values,
+                                                 output_attentions=output_attentions)
+        hidden_states = attention_input * self.alpha + attention_output
+        mlp_input = self.post_attention_layernorm(hidden_states)
+        return mlp_input * self.alpha + self.mlp(mlp_input), probs
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers makes every loaded float weight trainable; P-Tuning trains the prefix alone.
+        result = super().from_pretrained(*args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        if model.config.pre_seq_len is not None:
+            model.freeze_all_but_prefix()
+        return result
+
+    def freeze_all_but_prefix(self):
+        for name, param in self.named_parameters():
+            param.requires_grad = "prefix_encoder." in name
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+    def get_masks(self, input_ids: torch.LongTensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """GLM attention mask [B, 1, L, L], True = blocked. `padding_mask` [B, L] (1 = token, 0 = left
+        padding) blocks the padding the way the tokenizer's left padding does."""
+        return self._per_sequence(input_ids, padding_mask, lambda ids: glm_attention_mask(ids, self.config.bos_token_id),
+                                  pad_value=True)
+
+    def get_position_ids(self, input_ids: torch.LongTensor, padding_mask: Optional[torch.Tensor] = None):
+        """[B, 2, L] (positions, block positions), or [B, L] for the 1-D variant."""
+        c = self.config
+        return self._per_sequence(
+            input_ids, padding_mask,
+            lambda ids: glm_position_ids(ids, c.bos_token_id, c.mask_token_id, c.gmask_token_id, c.position_encoding_2d),
+            pad_value=0)
+
+    @staticmethod
+    def _per_sequence(input_ids, padding_mask, build, pad_value):
+        """Apply `build` to each unpadded sequence and left-pad its result (last dims are positions)."""
+        rows = []
+        for i, ids in enumerate(input_ids.tolist()):
+            pad = 0 if padding_mask is None else int((padding_mask[i] == 0).sum())
+            row = build(ids[pad:])
+            widths = [(0, 0)] * (row.ndim - 1) + [(pad, 0)]
+            if row.ndim == 3:  # attention mask [1, L, L]: pad the query dimension too
+                widths[1] = (pad, 0)
+            rows.append(np.pad(row, widths, constant_values=pad_value))
+        return torch.from_numpy(np.stack(rows)).to(input_ids.device)
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        self.num_layers = config.num_layers
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.pre_seq_len = config.pre_seq_len
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        if self.pre_seq_len is not None:
+            self.prefix_encoder = PrefixEncoder(config)
+            self.dropout = nn.Dropout(0.1)
+        self.gradient_checkpointing = False
+        self.post_init()
+        if self.pre_seq_len is not None:
+            self.freeze_all_but_prefix()
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.word_embeddings = new_embeddings
+
+    def get_prompt(self, batch_size: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prefix keys and values, each [num_layers, B, heads, pre_seq_len, head_dim]."""
+        prefix_tokens = torch.arange(self.pre_seq_len, device=self.word_embeddings.weight.device)
+        prefix = self.prefix_encoder(prefix_tokens.unsqueeze(0).expand(batch_size, -1)).to(dtype)
+        prefix = prefix.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.num_heads, self.head_dim)
+        prefix = self.dropout(prefix).permute(2, 0, 3, 1, 4)  # [2 * layers, B, nh, pre, hd]
+        return prefix[0::2], prefix[1::2]
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        B, L, _ = inputs_embeds.shape
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        # Masks and positions are derived from the prompt on the first step only, as in the original;
+        # later steps get them from generate() or attend to everything.
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            padding_mask = attention_mask  # [B, past + L], 1 = token, 0 = padding
+            attention_mask = self.get_masks(input_ids, padding_mask) if past_length == 0 else \
+                (padding_mask[:, None, None, :] == 0)
+        else:
+            padding_mask = None
+            if attention_mask is None and past_length == 0 and input_ids is not None:
+                attention_mask = self.get_masks(input_ids)
+        if position_ids is None:
+            if input_ids is None:
+                raise ValueError("position_ids are required with inputs_embeds.")
+            position_ids = self.get_position_ids(input_ids, padding_mask)
+
+        prefix_keys = prefix_values = None
+        if self.pre_seq_len is not None and past_length == 0:
+            prefix_keys, prefix_values = self.get_prompt(B, inputs_embeds.dtype)
+        attention_bias = None
+        if attention_mask is not None and attention_mask.any():
+            num_keys = past_length + L + (self.pre_seq_len if prefix_keys is not None else 0)
+            if attention_mask.shape[-1] < num_keys:  # the P-Tuning prefix, always visible
+                attention_mask = F.pad(attention_mask, (num_keys - attention_mask.shape[-1], 0), value=False)
+            attention_bias = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+            attention_bias.masked_fill_(attention_mask.to(inputs_embeds.device), MASK_FILL_VALUE)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states.transpose(0, 1),)
+            hidden_states, probs = layer(
+                hidden_states, position_ids, attention_bias,
+                prefix_keys[i] if prefix_keys is not None else None,
+                prefix_values[i] if prefix_values is not None else None,
+                past_key_values=past_key_values if use_cache else None, output_attentions=output_attentions)
+            if output_attentions:
+                all_attentions += (probs,)
+        hidden_states = self.final_layernorm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states.transpose(0, 1),)
+
+        last_hidden_state = hidden_states.transpose(0, 1)  # [L, B, H], the original's layout
+        cache = past_key_values if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, cache, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, past_key_values=cache,
+                                       hidden_states=all_hidden_states, attentions=all_attentions)
+
+
+class _TokenQueue(BaseStreamer):
+    """Hands the tokens that generate() produces in a worker thread to the consuming generator."""
+
+    def __init__(self):
+        self.queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        self.queue.put(value)
+
+    def end(self):
+        self.queue.put(None)
+
+
+class _StopOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config: ChatGLMConfig, empty_init: bool = True):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.quantized = False
+        if config.quantization_bit:
+            self.quantize(config.quantization_bit, empty_init=empty_init)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, logits_to_keep: int = 0, **kwargs):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                   return_dict=True)
+        hidden_states = outputs.last_hidden_state.transpose(0, 1)  # [B, L, H]
+        if logits_to_keep:  # generate() only needs the last position: skip the vocabulary projection elsewhere
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)  # [B, L, vocab]
+
+        loss = None
+        if labels is not None:
+            shift_logits = logits[..., :-1, :].float()
+            shift_labels = labels[..., 1:].to(logits.device)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                                   ignore_index=-100).to(hidden_states.dtype)
+
+        if not return_dict:
+            output = (logits, outputs.past_key_values, outputs.hidden_states, outputs.attentions)
+            output = tuple(v for v in output if v is not None)
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    # ---- generation hooks -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        """transformers' generate() with GLM inputs. transformers only carries 2-D padding masks, so the
+        tokenizer's GLM mask [B, 1, L, L] is reduced to its padding (the fully blocked rows); the GLM mask
+        and positions are rebuilt from the tokens at every step, exactly as the tokenizer builds them."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = (~attention_mask[:, 0].all(dim=-1)).long()
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        return None  # derived from the tokens in prepare_inputs_for_generation, not transformers' arange
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True,
+                                      **kwargs):
+        # attention_mask here is transformers' [B, L] padding mask (1 = token, 0 = left padding) or None.
+        inputs = {"past_key_values": past_key_values, "use_cache": use_cache, "attention_mask": attention_mask}
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length == 0:  # prefill: the model builds the GLM mask and positions itself
+            inputs.update(input_ids=input_ids, position_ids=None)
+        else:  # decoding: only the newest token, at the position the whole sequence gives it
+            inputs.update(input_ids=input_ids[:, -1:],
+                          position_ids=self.get_position_ids(input_ids, attention_mask)[..., -1:])
+        return inputs
+
+    # ---- chat -------------------------------------------------------------------------------------
+
+    def _chat_inputs(self, tokenizer, query, history, max_length, num_beams, do_sample, top_p, temperature,
+                     logits_processor, kwargs):
+        logits_processor = LogitsProcessorList(logits_processor or [])
+        logits_processor.append(InvalidScoreLogitsProcessor())
+        gen_kwargs = {"max_length": max_length, "num_beams": num_beams, "do_sample": do_sample,
+                      "logits_processor": logits_processor, **kwargs}
+        if do_sample:
+            gen_kwargs.update(top_p=top_p, temperature=temperature)
+        inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
+        return inputs, gen_kwargs
+
+    def _chat_response(self, tokenizer, inputs, output_ids) -> str:
+        return process_response(tokenizer.decode(output_ids[0, inputs["input_ids"].shape[1]:].tolist()))
+
+    @torch.inference_mode()
+    def chat(self, tokenizer, query: str, history: Optional[List[Tuple[str, str]]] = None, max_length: int = 2048,
+             num_beams: int = 1, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,
+             logits_processor=None, **kwargs):
+        history = list(history or [])
+        inputs, gen_kwargs = self._chat_inputs(tokenizer, query, history, max_length, num_beams, do_sample, top_p,
+                                               temperature, logits_processor, kwargs)
+        outputs = self.generate(**inputs, **gen_kwargs)
+        response = self._chat_response(tokenizer, inputs, outputs)
+        return response, history + [(query, response)]
+
+    def stream_chat(self, tokenizer, query: str, history: Optional[List[Tuple[str, str]]] = None,
+                    max_length: int = 2048, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,
+                    logits_processor=None, **kwargs):
+        """Yields (response so far, history with it) after every new token; the last yield equals chat()."""
+        history = list(history or [])
+        inputs, gen_kwargs = self._chat_inputs(tokenizer, query, history, max_length, 1, do_sample, top_p,
+                                               temperature, logits_processor, kwargs)
+        for output_ids in self.stream_generate(**inputs, **gen_kwargs):
+            response = self._chat_response(tokenizer, inputs, output_ids)
+            yield response, history + [(query, response)]
+
+    def stream_generate(self, input_ids, **kwargs) -> Iterator[torch.LongTensor]:
+        """Runs generate() in a worker thread and yields the sequences [B, L + n] after every new token.
+        Closing the generator (or an exception in the consumer) stops generation at the next token."""
+        token_queue, stop = _TokenQueue(), threading.Event()
+        kwargs["stopping_criteria"] = StoppingCriteriaList(list(kwargs.get("stopping_criteria") or [])
+                                                           + [_StopOnEvent(stop)])
+        failure = []
+
+        def run():
+            try:
+                self.generate(input_ids=input_ids, streamer=token_queue, **kwargs)
+            except BaseException as error:  # re-raised in the consumer
+                failure.append(error)
+            finally:
+                token_queue.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        sequences = input_ids
+        try:
+            while (tokens := token_queue.queue.get()) is not None:
+                sequences = torch.cat([sequences, tokens.view(-1, 1).to(sequences.device)], dim=-1)
+                yield sequences
+        finally:
+            stop.set()
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    def quantize(self, bits: int, empty_init: bool = False, **kwargs):
+        """Weight-only INT8/INT4 in the original checkpoint format; returns the model for chaining."""
+        if bits == 0 or self.quantized:
+            return self
+        from .quantization import quantize
+
+        self.config.quantization_bit = bits
+        quantize(self, bits, empty_init=empty_init,
+                 quantize_embeddings=self.config.quantization_embeddings, **kwargs)
+        self.quantized = True
+        return self

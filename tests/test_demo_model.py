@@ -1,0 +1,56 @@
+"""The shipped demo checkpoint (demo_model/): real replies, loadable through the Auto classes, in sync with chatglm_6b/."""
+import filecmp
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from conftest import ROOT
+from utils import DEMO_MODEL_PATH, load_model_and_tokenizer
+
+HELLO_REPLY = ("你好👋！我是 ChatGLM-6B 的演示小模型，由本项目用自己的代码训练而成。我只记得训练语料里的对话，"
+               "回答能力很有限；想要完整的能力，请加载真正的 ChatGLM-6B 权重。")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model_and_tokenizer(device="cpu")
+
+
+def test_hello_reply(demo):
+    model, tokenizer = demo
+    response, history = model.chat(tokenizer, "你好", history=[], do_sample=False)
+    assert response == HELLO_REPLY
+    assert history == [("你好", HELLO_REPLY)]
+
+
+def test_multi_turn_follows_the_corpus_history(demo):
+    model, tokenizer = demo
+    with open(os.path.join(ROOT, "data", "demo_corpus", "multi_turn.jsonl"), encoding="utf-8") as f:
+        conversation = json.loads(f.readline())["conversation"]
+    history = []
+    for turn in conversation:
+        response, history = model.chat(tokenizer, turn["prompt"], history, do_sample=False)
+        assert response == turn["response"]
+
+
+def test_loads_through_auto_classes_from_a_copy(demo, tmp_path):
+    copy = shutil.copytree(DEMO_MODEL_PATH, tmp_path / "demo_copy")
+    model = AutoModel.from_pretrained(str(copy), trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(copy), trust_remote_code=True)
+    assert model.chat(tokenizer, "你好", do_sample=False)[0] == HELLO_REPLY
+
+
+def test_checkpoint_code_is_the_repository_code():
+    code_dir = os.path.join(ROOT, "chatglm_6b")
+    for name in sorted(os.listdir(code_dir)):
+        if name.endswith(".py") and name != "__init__.py":
+            assert filecmp.cmp(os.path.join(code_dir, name), os.path.join(DEMO_MODEL_PATH, name), shallow=False), \
+                f"demo_model/{name} differs from chatglm_6b/{name}: run utils.copy_model_code(\"demo_model\")"
+
+
+def test_checkpoint_is_small():
+    assert os.path.getsize(os.path.join(DEMO_MODEL_PATH, "model.safetensors")) < 25 * 2 ** 20
