@@ -1,0 +1,112 @@
+"""Chat with ChatGLM-6B in the terminal; the reply streams in token by token.
+
+    python cli_demo.py                                  # the demo checkpoint in demo_model/
+    python cli_demo.py --model-path THUDM/chatglm-6b --quantize 4
+    printf '你好\nstop\n' | python cli_demo.py --greedy   # works in a pipe too
+
+Type `clear` to forget the conversation, `stop` (or Ctrl-D) to quit; Ctrl-C stops the current reply.
+"""
+import argparse
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from utils import add_model_args, load_from_args  # noqa: E402
+
+WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
+PROMPT = "\n用户："
+LABEL = "\nChatGLM："
+# process_response may still rewrite the end of a partial response, so that part is printed later: ASCII
+# punctuation turns Chinese once a Chinese character follows it, and the [[训练时间]] placeholder is replaced
+# once complete; a trailing U+FFFD is a character whose UTF-8 bytes are not all generated yet.
+PLACEHOLDER = "[[训练时间]]"
+UNSETTLED_TAIL = re.compile(r"[,!:;?\ufffd]+$")
+
+
+def settled(response: str) -> str:
+    """The part of a partial response that more tokens will only extend, never change."""
+    for n in range(len(PLACEHOLDER) - 1, 0, -1):
+        if response.endswith(PLACEHOLDER[:n]):
+            response = response[:-n]
+            break
+    return UNSETTLED_TAIL.sub("", response)
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def reply(model, tokenizer, query, history, args):
+    """Streams one reply to stdout and returns the new history; Ctrl-C keeps what was said so far."""
+    printed, response, interrupted = "", "", False
+    replies = model.stream_chat(tokenizer, query, history, max_length=args.max_length, top_p=args.top_p,
+                                temperature=args.temperature, do_sample=not args.greedy)
+    try:
+        write(LABEL)
+        for response, _ in replies:
+            text = settled(response)
+            if text.startswith(printed):
+                write(text[len(printed):])
+                printed = text
+    except KeyboardInterrupt:
+        interrupted = True
+    except ValueError as error:  # e.g. the conversation no longer fits in --max-length: keep the history
+        write(f"\n（出错：{error} 输入 clear 可清空对话历史）\n")
+        return history
+    finally:
+        replies.close()  # stops the generation thread if we left the loop early
+    if response.startswith(printed):
+        write(response[len(printed):])
+    else:  # an earlier character changed after it was printed: show the corrected reply in full
+        write(f"\n{LABEL.strip()}{response}")
+    write("\n（回答已中断）\n" if interrupted else "\n")
+    return history + [(query, response)] if response else history
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--max-length", type=int, default=2048, help="prompt + reply tokens at most")
+    parser.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling: keep this probability mass")
+    parser.add_argument("--temperature", type=float, default=0.95, help="sampling temperature")
+    parser.add_argument("--greedy", action="store_true", help="no sampling: the same input gives the same reply")
+    args = parser.parse_args()
+
+    model, tokenizer = load_from_args(args)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and input history for input())
+        except ImportError:  # Windows
+            pass
+    print(WELCOME)
+    history = []
+    while True:
+        try:
+            query = input(PROMPT).strip()
+            if not sys.stdin.isatty():  # a terminal echoes what was typed; a pipe does not, so do it here
+                print(query)
+        except KeyboardInterrupt:  # at the prompt: drop the line, keep the conversation
+            print("\n（输入 stop 或按 Ctrl-D 退出）")
+            continue
+        except EOFError:
+            print()
+            return
+        if query == "stop":
+            return
+        if query == "clear":
+            history = []
+            if sys.stdout.isatty():
+                write("\033[2J\033[H")
+            print(WELCOME)
+        elif query:
+            history = reply(model, tokenizer, query, history, args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # while the model loads
+        sys.exit(130)

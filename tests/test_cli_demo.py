@@ -1,0 +1,125 @@
+"""cli_demo.py run as the real program, through a pipe and in a pseudo-terminal; its streaming rules in-process."""
+import argparse
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+import cli_demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "cli_demo.py")
+TINY = os.path.join(ROOT, "tests", "fixtures", "reference", "tiny-chatglm")
+DEMO_REPLY = ("你好👋！我是 ChatGLM-6B 的演示小模型，由本项目用自己的代码训练而成。我只记得训练语料里的对话，"
+              "回答能力很有限；想要完整的能力，请加载真正的 ChatGLM-6B 权重。")
+ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+needs_demo_model = pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "demo_model")),
+                                      reason="demo_model/ is not built: python tools/train_demo_model.py")
+
+
+def run_piped(stdin, *args, cwd=ROOT, script="cli_demo.py"):
+    return subprocess.run([sys.executable, script, *args], input=stdin, capture_output=True, text=True,
+                          encoding="utf-8", cwd=cwd, env=ENV, timeout=120)
+
+
+@needs_demo_model
+def test_pipe_replies_and_stops():
+    result = run_piped("你好\nstop\n", "--greedy")
+    assert result.returncode == 0, result.stderr
+    assert cli_demo.WELCOME in result.stdout
+    assert f"用户：你好\n\nChatGLM：{DEMO_REPLY}\n" in result.stdout
+
+
+@needs_demo_model
+def test_pipe_from_another_directory(tmp_path):
+    # Called by absolute path from elsewhere; the empty line is skipped and the end of input quits.
+    result = run_piped("\n你好\n", "--greedy", cwd=tmp_path, script=SCRIPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ChatGLM：") == 1 and DEMO_REPLY in result.stdout
+
+
+def test_bad_model_path_is_one_line_error(tmp_path):
+    result = run_piped("你好\n", "--model-path", str(tmp_path / "missing"))
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
+
+
+def spawn(*args):
+    return pexpect.spawn(sys.executable, [SCRIPT, *args], cwd=ROOT, env=ENV, encoding="utf-8", timeout=60)
+
+
+@needs_demo_model
+def test_terminal_chat_clear_and_ctrl_d():
+    child = spawn("--greedy")
+    child.expect_exact("用户：")
+    child.sendline("你好")
+    child.expect_exact(f"ChatGLM：{DEMO_REPLY}")
+    child.expect_exact("用户：")
+    child.sendline("clear")
+    child.expect_exact("\033[2J")  # the screen is cleared in a terminal
+    child.expect_exact(cli_demo.WELCOME)
+    child.sendline("你好")  # the history is gone: the same first-turn reply again
+    child.expect_exact(f"ChatGLM：{DEMO_REPLY}")
+    child.expect_exact("用户：")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_terminal_ctrl_c_stops_the_reply_not_the_program():
+    # The random tiny checkpoint talks until --max-length 2048: a reply long enough to interrupt.
+    child = spawn("--model-path", TINY, "--greedy")
+    child.expect_exact("用户：")
+    child.sendintr()  # at the prompt: a hint, the program goes on
+    child.expect_exact("Ctrl-D")
+    child.sendline("你好")
+    child.expect(r"ChatGLM：\S")
+    child.sendintr()
+    child.expect_exact("（回答已中断）")
+    child.expect_exact("用户：")
+    child.sendline("stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+class ScriptedModel:
+    """Stands in for the model: stream_chat yields the given partial responses, then maybe a Ctrl-C."""
+
+    def __init__(self, partials, interrupt=False):
+        self.partials, self.interrupt = partials, interrupt
+
+    def stream_chat(self, tokenizer, query, history, **kwargs):
+        for partial in self.partials:
+            yield partial, history + [(query, partial)]
+        if self.interrupt:
+            raise KeyboardInterrupt
+
+
+def stream(capsys, partials, interrupt=False):
+    args = argparse.Namespace(max_length=2048, top_p=0.7, temperature=0.95, greedy=True)
+    history = cli_demo.reply(ScriptedModel(partials, interrupt), None, "问", [], args)
+    return capsys.readouterr().out, history
+
+
+@pytest.mark.parametrize("partials, final", [
+    (["你好", "你好👋", "你好👋!", "你好👋！我"], "你好👋！我"),  # "!" turns "！" once 我 follows
+    (["今年是", "今年是[[训练", "今年是[[训练时间]", "今年是2023年"], "今年是2023年"),  # placeholder filled in
+    (["Hi", "Hi,", "Hi, there"], "Hi, there"),
+])
+def test_stream_prints_each_character_once(capsys, partials, final):
+    out, history = stream(capsys, partials)
+    assert out == f"\nChatGLM：{final}\n" and history == [("问", final)]
+
+
+def test_stream_reprints_a_reply_whose_printed_part_changed(capsys):
+    out, _ = stream(capsys, ["ab", "ac"])
+    assert out == "\nChatGLM：ab\nChatGLM：ac\n"
+
+
+def test_ctrl_c_keeps_what_was_said(capsys):
+    out, history = stream(capsys, ["Hi", "Hi,"], interrupt=True)
+    assert out == "\nChatGLM：Hi,\n（回答已中断）\n" and history == [("问", "Hi,")]
