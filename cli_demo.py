@@ -8,32 +8,16 @@ Type `clear` to forget the conversation, `stop` (or Ctrl-D) to quit; Ctrl-C stop
 """
 import argparse
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from chatglm_6b.modeling_chatglm import stable_prefix  # noqa: E402
 from utils import add_model_args, load_from_args  # noqa: E402
 
 WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
 PROMPT = "\n用户："
 LABEL = "\nChatGLM："
-# process_response may still rewrite the end of a partial response, so that part is printed later: ASCII
-# punctuation turns Chinese once a Chinese character follows it, and the [[训练时间]] placeholder is replaced
-# once complete; a trailing U+FFFD is a character whose UTF-8 bytes are not all generated yet.
-PLACEHOLDER = "[[训练时间]]"
-UNSETTLED_TAIL = re.compile(r"[,!:;?\ufffd]+$")
-
-
-def settled(response: str) -> str:
-    """The part of a partial response that more tokens will only extend, never change."""
-    for n in range(len(PLACEHOLDER) - 1, 0, -1):
-        if response.endswith(PLACEHOLDER[:n]):
-            response = response[:-n]
-            break
-    return UNSETTLED_TAIL.sub("", response)
-
-
 def write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -47,7 +31,7 @@ def reply(model, tokenizer, query, history, args):
     try:
         write(LABEL)
         for response, _ in replies:
-            text = settled(response)
+            text = stable_prefix(response)
             if text.startswith(printed):
                 write(text[len(printed):])
                 printed = text

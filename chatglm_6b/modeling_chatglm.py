@@ -9,7 +9,7 @@ The KV cache is a transformers `Cache` ([B, heads, L, head_dim] per layer).
 import queue
 import re
 import threading
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,12 +51,25 @@ def process_response(response: str) -> str:
     return response
 
 
+def stable_prefix(response: str, stops: Sequence[str] = ()) -> str:
+    """The part of a growing (post-processed) response that later tokens cannot change, safe to show
+    while streaming: an ASCII mark turns Chinese once a Chinese character follows it, an incomplete
+    character decodes as U+FFFD, and a trailing partial placeholder or stop string may still complete."""
+    end = len(response.rstrip(",!:;?\ufffd"))
+    for pattern in list(stops) + ["[[训练时间]]"]:
+        for k in range(min(len(pattern) - 1, len(response)), 0, -1):
+            if response.endswith(pattern[:k]):
+                end = min(end, len(response) - k)
+                break
+    return response[:end]
+
+
 class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """Replaces NaN/+inf scores (fp16 overflow) by a distribution that picks token 5, as the original.
-    -inf is legitimate here: transformers' top-p/top-k warpers run before this processor and write it."""
+    """Replaces NaN/inf scores (fp16 overflow) by a distribution that picks token 5, as the original.
+    Runs before transformers' temperature/top-p warpers, which add their own -inf later."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+        if torch.isnan(scores).any() or torch.isinf(scores).any():
             scores.zero_()
             scores[..., 5] = 5e4
         return scores

@@ -1,0 +1,377 @@
+"""api.py end to end: real servers in subprocesses, spoken to over HTTP with requests, curl, the
+official openai client and a schemathesis fuzz run against the server's own OpenAPI schema."""
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from chatglm_6b.modeling_chatglm import build_prompt, process_response
+from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API = os.path.join(ROOT, "api.py")
+DEMO = os.path.join(ROOT, "demo_model")
+TINY = os.path.join(ROOT, "tests", "fixtures", "reference", "tiny-chatglm")
+HAS_DEMO = os.path.isfile(os.path.join(DEMO, "config.json"))
+CHECKPOINT = DEMO if HAS_DEMO else TINY  # the main server runs the default checkpoint once it exists
+DEMO_REPLY = ("你好👋！我是 ChatGLM-6B 的演示小模型，由本项目用自己的代码训练而成。我只记得训练语料里的对话，"
+              "回答能力很有限；想要完整的能力，请加载真正的 ChatGLM-6B 权重。")
+needs_demo = pytest.mark.skipif(not HAS_DEMO, reason="demo_model/ has not been trained yet")
+API_KEY = "test-key-123"
+MESSAGE = [{"role": "user", "content": "hi"}]
+
+
+class Server:
+    def __init__(self, args, log_path, cwd):
+        with socket.socket() as probe:  # a free port
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {name: value for name, value in os.environ.items() if name != "CHATGLM_API_KEY"}  # keys from args only
+        env["OMP_NUM_THREADS"] = "1"  # these small models run many times faster on one thread of a busy machine
+        with open(log_path, "w") as log:  # cwd elsewhere: api.py must find its imports itself
+            self.process = subprocess.Popen([sys.executable, API, "--port", str(self.port), *args], cwd=cwd,
+                                            stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 180
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"api.py exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                requests.get(self.url + "/openapi.json", timeout=2)
+                return
+            except requests.ConnectionError:
+                if time.time() > deadline:
+                    self.stop()
+                    pytest.fail(f"api.py did not answer within 180 s:\n{self.log()}")
+                time.sleep(0.3)
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The server as a user starts it: default checkpoint (tiny one until demo_model/ exists), no key."""
+    tmp = tmp_path_factory.mktemp("api")
+    started = Server([] if HAS_DEMO else ["--model-path", TINY], str(tmp / "server.log"), str(tmp))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory):
+    """A second instance with --api-key, on the tiny random checkpoint, whose long replies the disconnect
+    test needs."""
+    tmp = tmp_path_factory.mktemp("api-keyed")
+    started = Server(["--model-path", TINY, "--api-key", API_KEY], str(tmp / "server.log"), str(tmp))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return ChatGLMTokenizer.from_pretrained(CHECKPOINT)
+
+
+def prompt_tokens(tokenizer, query, history=()) -> int:
+    return len(tokenizer(build_prompt(query, list(history)), return_attention_mask=False)["input_ids"])
+
+
+def post(server, path, body, **kwargs):
+    return requests.post(server.url + path, json=body, timeout=120, **kwargs)
+
+
+# ---- the original endpoint ------------------------------------------------------------------------
+
+def test_original_endpoint_answers_with_history_and_time(server, tokenizer):
+    reply = post(server, "/", {"prompt": "你好", "history": [], "max_length": prompt_tokens(tokenizer, "你好") + 8,
+                               "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert set(body) == {"response", "history", "status", "time"}
+    assert body["status"] == 200 and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", body["time"])
+    assert body["history"] == [["你好", body["response"]]]
+    assert f"prompt: '你好', response: {body['response']!r}" in server.log()  # one log line per request
+
+
+@needs_demo
+def test_original_endpoint_greedy_demo_reply(server):
+    reply = post(server, "/", {"prompt": "你好", "history": [], "temperature": 0})
+    assert reply.json()["response"] == DEMO_REPLY
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_readme_curl(server):
+    command = (f"curl -X POST \"{server.url}\" -H 'Content-Type: application/json' "
+               "-d '{\"prompt\": \"你好\", \"history\": []}'")
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    body = json.loads(result.stdout)
+    assert body["status"] == 200 and body["history"] == [["你好", body["response"]]]
+
+
+def test_concurrent_requests_are_all_answered_alike(server, tokenizer):
+    body = {"prompt": "你好", "history": [["hi", "hello"]], "temperature": 0,
+            "max_length": prompt_tokens(tokenizer, "你好", [("hi", "hello")]) + 6}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: post(server, "/", body).json()["response"], range(4)))
+    assert len(set(replies)) == 1
+
+
+# ---- the OpenAI-compatible API --------------------------------------------------------------------
+
+def test_models(client):
+    assert [model.id for model in client.models.list()] == ["chatglm-6b"]
+
+
+@needs_demo
+def test_openai_greedy_demo_reply_streamed_and_not(client, tokenizer):
+    messages = [{"role": "user", "content": "你好"}]
+    completion = client.chat.completions.create(model="chatglm-6b", messages=messages, temperature=0)
+    assert completion.choices[0].message.content == DEMO_REPLY
+    assert completion.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="chatglm-6b", messages=messages, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == DEMO_REPLY
+    usage = completion.usage
+    assert usage.prompt_tokens == prompt_tokens(tokenizer, "你好")
+    assert usage.completion_tokens >= len(tokenizer(DEMO_REPLY, add_special_tokens=False)["input_ids"])
+
+
+def test_openai_streaming_matches_non_streaming(client, tokenizer):
+    request = {"model": "chatglm-6b", "messages": [{"role": "user", "content": "晚上睡不着怎么办"}],
+               "temperature": 0, "max_tokens": 12}
+    completion = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == completion.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == completion.usage
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == completion.choices[0].message.content
+    usage = completion.usage
+    assert usage.prompt_tokens == prompt_tokens(tokenizer, "晚上睡不着怎么办")
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and usage.completion_tokens <= 12
+
+
+def test_streamed_text_is_never_taken_back(tokenizer):
+    """A growing response can still change at its end (a half character, an ASCII mark that becomes a
+    Chinese one, a partial stop string or placeholder): the server streams only what stable_prefix keeps."""
+    from chatglm_6b.modeling_chatglm import stable_prefix
+
+    stops = ["世界 a"]
+    for text in (DEMO_REPLY, "Hello, world! 你好,世界 a:b [[训练时间]] ok,好?好"):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        final = process_response(tokenizer.decode(ids))
+        sent = ""
+        for n in range(1, len(ids) + 1):
+            stable = stable_prefix(process_response(tokenizer.decode(ids[:n])), stops)
+            if stable.startswith(sent):  # what the server sends
+                sent = stable
+            assert final.startswith(sent)
+        assert sent == final
+
+
+def test_max_tokens_ends_with_length(client):
+    completion = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "讲一个很长的故事"}],
+                                                temperature=1.5, top_p=1, max_tokens=2)
+    assert completion.usage.completion_tokens <= 2
+    if completion.usage.completion_tokens == 2:  # or the end token came first
+        assert completion.choices[0].finish_reason == "length"
+
+
+def test_stop_cuts_the_response_and_ends_generation(client):
+    request = {"model": "chatglm-6b", "messages": [{"role": "user", "content": "你好"}], "temperature": 0,
+               "max_tokens": 16}
+    full = client.chat.completions.create(**request)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = client.chat.completions.create(**request, stop=[stop, "never appears"])
+    assert cut.choices[0].message.content == text[:text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < full.usage.completion_tokens
+    chunks = client.chat.completions.create(**request, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:text.index(stop)]
+
+
+def test_messages_map_to_chatglm_history(server, client, tokenizer):
+    """System text goes before the first user message; earlier user/assistant pairs become the history."""
+    history = [("你是一个助手。\n\n你好", "你好！")]
+    max_new = 8
+    original = post(server, "/", {"prompt": "谢谢", "history": history, "temperature": 0,
+                                  "max_length": prompt_tokens(tokenizer, "谢谢", history) + max_new}).json()
+    completion = client.chat.completions.create(model="chatglm-6b", temperature=0, max_tokens=max_new, messages=[
+        {"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "谢谢"}])
+    assert completion.choices[0].message.content == original["response"]
+    assert completion.usage.prompt_tokens == prompt_tokens(tokenizer, "谢谢", history)
+
+
+# ---- API key, disconnects ------------------------------------------------------------------------
+
+def test_api_key_is_enforced(keyed_server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        for method, path in (("POST", "/"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+            reply = requests.request(method, keyed_server.url + path, json={}, headers=headers, timeout=30)
+            assert reply.status_code == 401 and "API key" in reply.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    keyed = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key=API_KEY, max_retries=0)
+    assert [model.id for model in keyed.models.list()] == ["chatglm-6b"]
+    reply = post(keyed_server, "/", {"prompt": "hi", "max_length": 8}, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert reply.status_code == 200
+
+
+def test_disconnect_stops_generation_and_loop_stays_responsive(keyed_server):
+    """Greedy, the tiny random model answers "long" with 2000 tokens and no end token: seconds of generation
+    that only the disconnect can cut short."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    long_request = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 2000, "temperature": 0,
+                    "stream": True}
+    with requests.post(keyed_server.url + "/v1/chat/completions", json=long_request, headers=headers, stream=True,
+                       timeout=60) as stream:
+        assert next(stream.iter_lines()).startswith(b"data: ")
+        started = time.time()
+        assert requests.get(keyed_server.url + "/v1/models", headers=headers, timeout=10).status_code == 200
+        assert time.time() - started < 2  # answered while generation runs
+    deadline = time.time() + 10  # leaving the with block closed the connection
+    while "client went away: generation stopped after" not in keyed_server.log():
+        assert time.time() < deadline, keyed_server.log()
+        time.sleep(0.1)
+    reply = post(keyed_server, "/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 1}, headers=headers)
+    assert reply.status_code == 200
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("/", '{"prompt": "hi", ', 422, "body"),
+    ("/", "[]", 422, "body"),
+    ("/", {}, 422, "prompt"),
+    ("/", {"prompt": 5}, 422, "prompt"),
+    ("/", {"prompt": ""}, 422, "prompt"),
+    ("/", {"prompt": "hi", "history": "none"}, 422, "history"),
+    ("/", {"prompt": "hi", "history": [["only one"]]}, 422, "history"),
+    ("/", {"prompt": "hi", "history": [["a", 1]]}, 422, "history"),
+    ("/", {"prompt": "hi", "history": [["a", "b", "c"]]}, 422, "history"),
+    ("/", {"prompt": "hi", "top_p": 0}, 422, "top_p"),
+    ("/", {"prompt": "hi", "top_p": 1.5}, 422, "top_p"),
+    ("/", {"prompt": "hi", "temperature": -0.1}, 422, "temperature"),
+    ("/", {"prompt": "hi", "max_length": 0}, 422, "max_length"),
+    ("/", {"prompt": "hi", "max_length": "long"}, 422, "max_length"),
+    ("/", {"prompt": "hi", "max_length": 2}, 400, "max_length"),
+    ("/", '{"prompt": "hi", "temperature": NaN}', 422, "temperature"),
+    ("/", '{"prompt": "\\ud800"}', 422, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "hi"}]}, 422, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 422, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": MESSAGE + [{"role": "assistant", "content": "a"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGE + MESSAGE}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGE + [{"role": "system", "content": "s"}] + MESSAGE}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "s"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "temperature": -1}, 422, "temperature"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "temperature": 2.5}, 422, "temperature"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "top_p": 0}, 422, "top_p"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 0}, 422, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "stop": [""]}, 422, "stop"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "stop": 7}, 422, "stop"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "stream": "maybe"}, 422, "stream"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "n": 2}, 422, "n"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, field", BAD_REQUESTS)
+def test_bad_input_is_a_4xx_naming_the_field(server, path, body, status, field):
+    data = body if isinstance(body, str) else json.dumps(body)
+    reply = requests.post(server.url + path, data=data.encode(), headers={"Content-Type": "application/json"},
+                          timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"].startswith(field) and error["message"].startswith(field), error
+
+
+def test_prompt_longer_than_the_context_is_a_400(server, client):
+    with open(os.path.join(CHECKPOINT, "config.json")) as f:
+        context = json.load(f)["max_sequence_length"]
+    long_prompt = "你好" * context
+    for prompt in (long_prompt, "a" * 1_000_000):
+        reply = post(server, "/", {"prompt": prompt})
+        assert reply.status_code == 400 and "context" in reply.json()["error"]["message"]
+    history = [["你好", "你好！"]] * context
+    reply = post(server, "/", {"prompt": "hi", "history": history})
+    assert reply.status_code == 400 and "context" in reply.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="chatglm-6b", messages=[{"role": "user", "content": long_prompt}])
+
+
+def test_still_serving_after_bad_input(server):
+    reply = post(server, "/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 2})
+    assert reply.status_code == 200 and reply.json()["object"] == "chat.completion"
+
+
+# ---- fuzzing --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def api_schema(server):
+    return schemathesis.openapi.from_url(server.url + "/openapi.json")
+
+
+fuzzed = schemathesis.pytest.from_fixture("api_schema")
+fuzz_counts = {}
+
+
+# Generation kept to a few tokens, so that hundreds of requests fit in about a minute.
+GENERATION_BOUNDS = {"/": {"max_length": 24}, "/v1/chat/completions": {"max_tokens": 8, "max_completion_tokens": 8}}
+
+
+def bound_generation(case) -> None:
+    if not isinstance(case.body, dict):
+        return
+    for field, bound in GENERATION_BOUNDS.get(case.path, {}).items():
+        value = case.body.get(field)
+        if value is None:
+            case.body[field] = bound
+        elif type(value) in (int, float) and value >= 1:  # 7.0 counts as an int; the rest is left invalid
+            case.body[field] = min(value, bound)
+
+
+@fuzzed.parametrize()
+@settings(max_examples=250, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+def test_fuzz_no_server_errors(case):
+    bound_generation(case)
+    fuzz_counts[case.operation.label] = fuzz_counts.get(case.operation.label, 0) + 1
+    checks = schemathesis.checks
+    case.call_and_validate(timeout=60, checks=[checks.not_a_server_error, checks.status_code_conformance,
+                                               checks.content_type_conformance, checks.response_schema_conformance])
+
+
+def test_fuzz_sent_enough_requests(server):
+    assert sum(fuzz_counts.values()) >= 500, fuzz_counts
+    assert post(server, "/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 2}).status_code == 200

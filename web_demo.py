@@ -1,0 +1,94 @@
+"""Web chat demo: a Gradio page that streams ChatGLM-6B's replies token by token.
+
+    python web_demo.py                                   # the demo checkpoint, on http://127.0.0.1:7860
+    python web_demo.py --model-path THUDM/chatglm-6b --quantize 4 --share
+    python web_demo.py --ptuning-checkpoint ptuning/output/.../checkpoint-3000 --pre-seq-len 128
+"""
+import argparse
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gradio as gr  # noqa: E402
+
+from utils import add_model_args, load_from_args  # noqa: E402
+
+LATEX_DELIMITERS = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
+# Fenced code (possibly still open while a reply streams in) and inline code spans.
+CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)
+
+
+def to_markdown(text: str) -> str:
+    """Chat text -> Markdown that shows it literally: outside code, '&' and '<' become entities, so no
+    tag the user or the model writes (<script>, <img onerror>, ...) reaches the page; Markdown escapes
+    code itself. LaTeX still renders: KaTeX runs on the page's text, where the entities are decoded."""
+    parts = CODE.split(text)
+    return "".join(part if i % 2 else part.replace("&", "&amp;").replace("<", "&lt;") for i, part in enumerate(parts))
+
+
+def to_messages(history):
+    """The chatbot's messages, always derived from the model's history, so the two never disagree."""
+    messages = []
+    for query, response in history:
+        messages.append({"role": "user", "content": to_markdown(query)})
+        if response:
+            messages.append({"role": "assistant", "content": to_markdown(response)})
+    return messages
+
+
+def build_demo(model, tokenizer, greedy: bool = False) -> gr.Blocks:
+    def predict(query, max_length, top_p, temperature, history):
+        if not query.strip():
+            yield gr.skip(), gr.skip()
+            return
+        # Show the question before the first token; Stop keeps whatever has been yielded so far.
+        yield to_messages(history + [(query, "")]), history + [(query, "")]
+        for _, new_history in model.stream_chat(tokenizer, query, history, max_length=int(max_length), top_p=top_p,
+                                                temperature=temperature, do_sample=not greedy):
+            yield to_messages(new_history), new_history
+
+    with gr.Blocks(title="ChatGLM-6B", analytics_enabled=False) as demo:
+        gr.Markdown("# ChatGLM-6B")
+        chatbot = gr.Chatbot(show_label=False, height=480, latex_delimiters=LATEX_DELIMITERS, sanitize_html=True,
+                             allow_tags=False, feedback_options=None, buttons=["copy", "copy_all"])
+        history = gr.State([])  # [(query, response)] as the model sees it
+        query = gr.State("")
+        with gr.Row():
+            with gr.Column(scale=4):
+                user_input = gr.Textbox(show_label=False, placeholder="Input... (Shift+Enter sends)", lines=4)
+                with gr.Row():
+                    submit = gr.Button("Submit", variant="primary")
+                    stop = gr.Button("Stop")
+            with gr.Column(scale=1):
+                clear = gr.Button("Clear History")
+                max_length = gr.Slider(0, 4096, value=2048, step=1, label="Maximum length")
+                top_p = gr.Slider(0, 1, value=0.7, step=0.01, label="Top P")
+                temperature = gr.Slider(0, 1, value=0.95, step=0.01, label="Temperature")
+
+        # Empty the textbox at once (no queue), then stream the reply as a separate, cancellable step.
+        submitted = gr.on([submit.click, user_input.submit], lambda text: ("", text), user_input, [user_input, query],
+                          queue=False)
+        reply = submitted.then(predict, [query, max_length, top_p, temperature, history], [chatbot, history])
+        stop.click(None, cancels=[reply])
+        clear.click(lambda: ([], []), None, [chatbot, history], cancels=[reply])
+        chatbot.clear(lambda: [], None, history, cancels=[reply])  # the chatbot's own trash icon
+    return demo
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding: deterministic replies (for tests)")
+    add_model_args(parser)
+    args = parser.parse_args()
+    model, tokenizer = load_from_args(args)
+    demo = build_demo(model, tokenizer, greedy=args.greedy)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()
