@@ -1,12 +1,14 @@
 """The one loader of this repository: a checkpoint path or hub id -> (model, tokenizer), on the right
 device and dtype, optionally quantized or with a P-Tuning prefix. Every script goes through here."""
 import argparse
+import json
 import logging
 import os
 import sys
 from typing import Dict, Optional, Tuple, Union
 
 import torch
+from tqdm import tqdm
 
 from chatglm_6b.configuration_chatglm import ChatGLMConfig
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration
@@ -100,9 +102,12 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
             if not config.pre_seq_len:
                 raise CheckpointError("a P-Tuning checkpoint needs --pre-seq-len (the PRE_SEQ_LEN it was trained with).")
         tokenizer = ChatGLMTokenizer.from_pretrained(path)
-        device_map = gpu_device_map(config.num_layers, num_gpus) if num_gpus > 1 else None
-        model, info = ChatGLMForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype,
-                                                                      device_map=device_map, output_loading_info=True)
+        if quantize and not config.quantization_bit and num_gpus <= 1:
+            model, info = load_quantized(path, config, quantize, dtype)
+        else:
+            device_map = gpu_device_map(config.num_layers, num_gpus) if num_gpus > 1 else None
+            model, info = ChatGLMForConditionalGeneration.from_pretrained(
+                path, config=config, dtype=dtype, device_map=device_map, output_loading_info=True)
     except CheckpointError:
         raise
     except Exception as error:  # every library error becomes one line naming the checkpoint
@@ -118,6 +123,77 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
     if num_gpus <= 1:
         model = model.to(target)
     return model.eval(), tokenizer
+
+
+def _weight_files(path: str):
+    """The checkpoint's weight files: a sharded index (safetensors or the original .bin) or one file."""
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+    raise CheckpointError(f"no model.safetensors or pytorch_model.bin (or their index) in {path!r}.")
+
+
+def _read_weights(file: str):
+    """(name, tensor) one at a time, memory-mapped, so only the tensor in hand is resident."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
+
+
+def load_quantized(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dtype):
+    """Quantize while loading: the model is built with empty INT8/INT4 layers and each float weight is
+    quantized as it is read, shard by shard, so peak memory stays near the quantized model's size (the
+    original loaded the whole fp16 model first, ~13 GB for 6B)."""
+    from chatglm_6b.quantization import QuantizedLinear, quantize_weight
+
+    config.quantization_bit = bits
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    modules = dict(model.named_modules())
+    tied = config.tie_word_embeddings
+    unexpected = set()
+    for file in tqdm(_weight_files(path), desc="loading and quantizing", unit="shard"):
+        for name, tensor in _read_weights(file):
+            module_name, _, attr = name.rpartition(".")
+            module = modules.get(module_name)
+            if module is None:
+                unexpected.add(name)
+                continue
+            if tied and name == "lm_head.weight":  # the word embeddings, once more
+                continue
+            if attr in module._buffers:  # rotary inv_freq: kept as stored (fp16-rounded, as the original)
+                module._buffers[attr] = tensor.clone()
+            elif isinstance(module, QuantizedLinear) and attr == "weight" and tensor.is_floating_point():
+                qweight, scale = quantize_weight(tensor, bits)
+                module.weight = torch.nn.Parameter(qweight, requires_grad=False)
+                module.weight_scale = torch.nn.Parameter(scale.to(dtype), requires_grad=False)
+            else:
+                value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                module._parameters[attr] = torch.nn.Parameter(value.clone(), requires_grad=False)
+    if tied:
+        model.lm_head.weight = model.transformer.word_embeddings.weight
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    for name, module in model.named_modules():  # a new P-Tuning prefix encoder: the one thing a checkpoint may lack
+        if "prefix_encoder" in name and any(t.is_meta for t in module.parameters(recurse=False)):
+            module.to_empty(device="cpu")
+            model._init_weights(module)
+            module.to(dtype)
+    if config.pre_seq_len is not None:
+        model.freeze_all_but_prefix()
+    return model, {"missing_keys": [n for n in missing if "prefix_encoder" not in n], "unexpected_keys": unexpected}
 
 
 def gpu_device_map(num_layers: int, num_gpus: int) -> Dict[str, int]:

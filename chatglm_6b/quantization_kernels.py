@@ -1,0 +1,276 @@
+"""C++ source of the CPU kernels used by quantization.py.
+
+The source lives in a Python string (not a .cpp file) because Hugging Face remote code only copies
+.py files that are imported relatively; quantization.py writes it into the torch extensions dir and
+compiles it once per source/CPU (see quantization._load_cpu_kernels).
+
+Ops (registered as torch.ops.chatglm_quant.*):
+  linear(x[*, K] f32/bf16/f16, qweight int8 [N, K*bits/8], scale [N], bias [N]?, bits) -> [*, N] in x's dtype
+  dequantize(qweight int8 [N, K*bits/8], scale [N], bits) -> float32 [N, K]
+
+Weight format (ChatGLM-6B checkpoints): w[n, k] ~= q[n, k] * scale[n]; for int4, byte j of a row holds
+q[2j] in its high nibble and q[2j+1] in its low nibble, both two's complement.
+"""
+
+CPP_SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#include <algorithm>
+#include <cstdint>
+
+// ---------------------------------------------------------------------------------------------
+// A minimal vector layer: V fp32 lanes. -march=native picks AVX-512 or AVX2; else plain scalars.
+// ---------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+constexpr int V = 16;
+using vf = __m512;
+using vi = __m512i;
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vi vbytes(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+static inline vf vcvt(vi a) { return _mm512_cvtepi32_ps(a); }
+// Nibble -> float in one vpermps: it only reads the low 4 bits of each index lane, so a 16-entry
+// table of the two's complement values replaces shift/shift/convert (the int4 kernel is ALU bound).
+static inline vf nib_table() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1); }
+static inline vf nib_hi_f(vi b, vf t) { return _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t); }
+static inline vf nib_lo_f(vi b, vf t) { return _mm512_permutexvar_ps(b, t); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int V = 8;
+using vf = __m256;
+using vi = __m256i;
+static inline vf vzero() { return _mm256_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+static inline vi vbytes(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+static inline vf vcvt(vi a) { return _mm256_cvtepi32_ps(a); }
+static inline vf nib_table() { return vzero(); }  // unused: shifts + convert instead
+static inline vf nib_hi_f(vi b, vf) { return vcvt(_mm256_srai_epi32(b, 4)); }
+static inline vf nib_lo_f(vi b, vf) { return vcvt(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28)); }
+#else
+constexpr int V = 1;
+using vf = float;
+using vi = int32_t;
+static inline vf vzero() { return 0.f; }
+static inline vf vload(const float* p) { return *p; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline float vsum(vf a) { return a; }
+static inline vi vbytes(const int8_t* p) { return *p; }
+static inline vf vcvt(vi a) { return (float)a; }
+static inline vf nib_table() { return 0.f; }
+static inline vf nib_hi_f(vi b, vf) { return (float)(b >> 4); }
+static inline vf nib_lo_f(vi b, vf) { return (float)((int32_t)((uint32_t)b << 28) >> 28); }
+#endif
+
+// Scalar nibble decode for tails (same arithmetic-shift semantics as the vector code).
+static inline int hi4(int8_t b) { return b >> 4; }
+static inline int lo4(int8_t b) { return (int8_t)((uint8_t)b << 4) >> 4; }
+
+constexpr int R = 4;   // weight rows per tile: x is loaded once per R rows
+constexpr int MB = 4;  // input rows per tile: a decoded weight vector feeds MB FMAs (16 accumulators)
+
+// out[m, r] = scale[r] * sum_k x[m, k] * q[r, k] + bias[r]   for an (mb x rows) tile.
+// x: fp32 rows with leading dim ldx (for int4: each full 2V block is de-interleaved: V even k, then V odd k)
+// w: int8 rows with leading dim ldw bytes. Accumulation is fp32; weights are decoded in registers only.
+// pf: start of the next tile's weight bytes (or nullptr). One cache line of it is prefetched per k step,
+// which covers exactly the next R-row tile (R*ldw bytes = 64 * K / KB for V = 16): rows are only a few
+// KB long, too short for the hardware stream prefetcher to ramp up, so DRAM latency would otherwise
+// cap the int4 kernel at about half the memory bandwidth.
+template <int BITS, int ROWS, int M>
+static void tile(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t K,
+                 const float* scale, const float* bias, float* out, int64_t ldo, const int8_t* pf) {
+  constexpr int KB = BITS == 8 ? V : 2 * V;  // k values consumed per step
+  const int64_t Kv = K / KB * KB;
+  const vf table = nib_table();
+  vf acc[M][ROWS];
+  for (int m = 0; m < M; m++)
+    for (int r = 0; r < ROWS; r++) acc[m][r] = vzero();
+  const int64_t pf_end = pf ? ROWS * ldw : 0;
+  for (int64_t k = 0; k < Kv; k += KB) {
+    if (k / KB * 64 < pf_end) __builtin_prefetch(pf + k / KB * 64, 0, 2);  // into L2 (prefetcht1)
+    if constexpr (BITS == 8) {
+      vf wv[ROWS];
+      for (int r = 0; r < ROWS; r++) wv[r] = vcvt(vbytes(w + r * ldw + k));
+      for (int m = 0; m < M; m++) {
+        vf xv = vload(x + m * ldx + k);
+        for (int r = 0; r < ROWS; r++) acc[m][r] = vfma(wv[r], xv, acc[m][r]);
+      }
+    } else {
+      vf wh[ROWS], wl[ROWS];  // wh: q[k + 2i], wl: q[k + 2i + 1], i < V
+      for (int r = 0; r < ROWS; r++) {
+        vi b = vbytes(w + r * ldw + k / 2);
+        wh[r] = nib_hi_f(b, table);
+        wl[r] = nib_lo_f(b, table);
+      }
+      for (int m = 0; m < M; m++) {
+        vf xe = vload(x + m * ldx + k), xo = vload(x + m * ldx + k + V);
+        for (int r = 0; r < ROWS; r++) acc[m][r] = vfma(wl[r], xo, vfma(wh[r], xe, acc[m][r]));
+      }
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    for (int r = 0; r < ROWS; r++) {
+      float s = vsum(acc[m][r]);
+      const float* xm = x + m * ldx;
+      const int8_t* wr = w + r * ldw;
+      if constexpr (BITS == 8) {
+        for (int64_t k = Kv; k < K; k++) s += xm[k] * wr[k];
+      } else {  // tail is not de-interleaved
+        for (int64_t k = Kv; k < K; k += 2) s += xm[k] * hi4(wr[k / 2]) + xm[k + 1] * lo4(wr[k / 2]);
+      }
+      out[m * ldo + r] = s * scale[r] + (bias ? bias[r] : 0.f);
+    }
+  }
+}
+
+// All M input rows against weight rows [n, n + ROWS): the weight tile (ROWS*K bytes) stays in L1/L2
+// while the input rows are swept in blocks of MB.
+template <int BITS, int ROWS>
+static void rows_all_m(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n,
+                       const float* scale, const float* bias, float* out, int64_t N, bool prefetch) {
+  const int8_t* wn = w + n * ldw;
+  const float* bn = bias ? bias + n : nullptr;
+  for (int64_t m = 0; m < M; m += MB) {
+    const float* xm = x + m * K;
+    float* om = out + m * N + n;
+    const int8_t* pf = prefetch && m == 0 ? wn + ROWS * ldw : nullptr;  // first sweep reads from DRAM
+    switch (std::min<int64_t>(MB, M - m)) {
+      case 4: tile<BITS, ROWS, 4>(xm, K, wn, ldw, K, scale + n, bn, om, N, pf); break;
+      case 3: tile<BITS, ROWS, 3>(xm, K, wn, ldw, K, scale + n, bn, om, N, pf); break;
+      case 2: tile<BITS, ROWS, 2>(xm, K, wn, ldw, K, scale + n, bn, om, N, pf); break;
+      default: tile<BITS, ROWS, 1>(xm, K, wn, ldw, K, scale + n, bn, om, N, pf); break;
+    }
+  }
+}
+
+template <int BITS>
+static void gemv_like(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N,
+                      const float* scale, const float* bias, float* out) {
+  const int64_t ldw = K * BITS / 8;
+  const int64_t tiles = (N + R - 1) / R;
+  // at::parallel_for runs on torch's OpenMP pool, so it honours torch.set_num_threads();
+  // each thread gets one contiguous range of output rows and streams that part of the weight once.
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t n = t * R;
+      if (n + R <= N) {
+        rows_all_m<BITS, R>(x, M, K, w, ldw, n, scale, bias, out, N, n + 2 * R <= N && t + 1 < t1);
+      } else {
+        for (int64_t i = n; i < N; i++) rows_all_m<BITS, 1>(x, M, K, w, ldw, i, scale, bias, out, N, false);
+      }
+    }
+  });
+}
+
+// x [M, K] -> same shape with each full 2V-block of a row reordered as (V even k, V odd k),
+// matching the (high nibble, low nibble) vectors the int4 tile decodes. Tails stay in place.
+static at::Tensor deinterleave(const at::Tensor& x) {
+  if (V == 1) return x;
+  auto y = at::empty_like(x);
+  const int64_t M = x.size(0), K = x.size(1), Kv = K / (2 * V) * (2 * V);
+  const float* src = x.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; m++) {
+    const float* s = src + m * K;
+    float* d = dst + m * K;
+    for (int64_t k = 0; k < Kv; k += 2 * V)
+      for (int i = 0; i < V; i++) { d[k + i] = s[k + 2 * i]; d[k + V + i] = s[k + 2 * i + 1]; }
+    for (int64_t k = Kv; k < K; k++) d[k] = s[k];
+  }
+  return y;
+}
+
+at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "qweight must be 2-D int8");
+  auto q = qweight.contiguous();
+  auto s = scale.to(at::kFloat).contiguous();
+  const int64_t N = q.size(0), B = q.size(1), K = B * 8 / bits;
+  auto out = at::empty({N, K}, q.options().dtype(at::kFloat));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+      const int8_t* qr = qp + n * B;
+      float* o = op + n * K;
+      const float sc = sp[n];
+      if (bits == 8) {
+        for (int64_t k = 0; k < K; k++) o[k] = qr[k] * sc;
+      } else {
+        for (int64_t j = 0; j < B; j++) { o[2 * j] = hi4(qr[j]) * sc; o[2 * j + 1] = lo4(qr[j]) * sc; }
+      }
+    }
+  });
+  return out;
+}
+
+// Above this many input rows the problem is compute bound: dequantize a block of weight rows
+// (a transient, cache-sized fp32 buffer) and let the BLAS sgemm do the flops.
+constexpr int64_t kGemmRows = 64;
+constexpr int64_t kBlockBytes = 8 << 20;
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                  const c10::optional<at::Tensor>& bias, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "qweight must be 2-D int8");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "CPU tensors expected");
+  auto q = qweight.contiguous();
+  const int64_t N = q.size(0), K = q.size(1) * 8 / bits;
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, weight expects ", K);
+  TORCH_CHECK(scale.numel() == N, "scale must have one entry per output row");
+  auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K] fp32
+  const int64_t M = x2.size(0);
+  auto s = scale.to(at::kFloat).contiguous();                 // [N]
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have one entry per output row");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  auto out = at::empty({M, N}, x2.options());                   // [M, N] fp32
+
+  if (M > kGemmRows) {
+    const int64_t rows = std::max<int64_t>(R, kBlockBytes / (4 * K));
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t nb = std::min(rows, N - n0);
+      auto wf = dequantize(q.narrow(0, n0, nb), s.narrow(0, n0, nb), bits);  // [nb, K] fp32
+      auto o = out.narrow(1, n0, nb);                                          // [M, nb], row stride N
+      if (b.defined()) at::addmm_out(o, b.narrow(0, n0, nb), x2, wf.t());
+      else at::mm_out(o, x2, wf.t());
+    }
+  } else if (M > 0 && N > 0) {
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    if (bits == 8) {
+      gemv_like<8>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
+                   out.data_ptr<float>());
+    } else {
+      auto xd = deinterleave(x2);
+      gemv_like<4>(xd.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
+                   out.data_ptr<float>());
+    }
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.view(shape).to(x.scalar_type());
+}
+
+TORCH_LIBRARY(chatglm_quant, m) {
+  m.def("linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits) -> Tensor");
+  m.def("dequantize(Tensor qweight, Tensor scale, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(chatglm_quant, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("dequantize", &dequantize);
+}
+"""

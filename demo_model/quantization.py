@@ -1,0 +1,323 @@
+"""Weight-only INT8 / INT4 quantization for ChatGLM-6B, in the format of the THUDM checkpoints.
+
+Format (per output row n, symmetric):
+    scale[n] = max_k |w[n, k]| / (2**(bits-1) - 1)          stored as fp16, shape [out]
+    q[n, k]  = round(w[n, k] / scale[n])                     int8
+    int8: weight = q                                         int8 [out, in]
+    int4: weight[n, j] = (q[n, 2j] << 4) | (q[n, 2j+1] & 15)  int8 [out, in // 2]
+          (element 2j in the high nibble, 2j+1 in the low nibble, both two's complement)
+QuantizedLinear has parameters weight / weight_scale / bias, so state-dict keys match the original
+(`...query_key_value.weight`, `...query_key_value.weight_scale`, `...query_key_value.bias`).
+
+Compute: y = x @ (q * scale).T + b
+    CPU:  compiled C++ kernel (quantization_kernels.py) that streams the int8/int4 weight once and
+          decodes it in registers, fp32 accumulation. Falls back to dequantize-then-matmul in torch.
+    CUDA: dequantize-then-matmul in torch (see _cuda_linear).
+Gradients flow to the input only (the quantized weights are frozen), which is what P-Tuning needs.
+
+This file is also shipped as Hugging Face remote code: imports are torch, stdlib and siblings only.
+"""
+import hashlib
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantization_kernels import CPP_SOURCE
+
+logger = logging.getLogger(__name__)
+
+# Force the pure-torch path on CPU (tests, debugging). Also settable via the environment.
+FORCE_TORCH_FALLBACK = os.environ.get("CHATGLM_QUANT_FORCE_TORCH", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Format: quantize / pack / unpack / dequantize
+# ------------------------------------------------------------------------------------------------
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [n, m] with values in [-8, 7] -> int8 [n, m // 2]; q[:, 2j] -> high nibble of byte j."""
+    assert q.dtype == torch.int8 and q.shape[-1] % 2 == 0
+    # q << 4 stays in int8 range for q in [-8, 7]; & 15 keeps the low nibble's two's complement bits
+    return (q[..., 0::2] << 4) | (q[..., 1::2] & 15)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """int8 [n, m] packed -> int8 [n, 2m] in [-8, 7] (arithmetic shifts sign-extend each nibble)."""
+    hi = p >> 4          # q[2j]
+    lo = (p << 4) >> 4   # q[2j+1]: move the low nibble up (int8 wraps), shift back down
+    return torch.stack((hi, lo), dim=-1).flatten(-2)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int):
+    """float [out, in] -> (int8 [out, in * bits // 8], fp16 scale [out]), exactly the original format."""
+    assert bits in (4, 8), "only 4-bit or 8-bit quantization is supported"
+    qmax = 2 ** (bits - 1) - 1
+    scale = (weight.abs().amax(dim=-1) / qmax).half()
+    # same arithmetic as the original (w / fp16 scale, promoted to w's dtype); all-zero rows -> q = 0
+    div = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(weight / div[:, None]).clamp_(-qmax - 1, qmax).to(torch.int8)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype=torch.float32):
+    """int8 [out, in * bits // 8], scale [out] -> dtype [out, in]."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU kernel loading (compiled once, cached in the torch extensions dir)
+# ------------------------------------------------------------------------------------------------
+_cpu_kernels = None  # None: not tried yet, False: unavailable, else the torch.ops namespace
+_warned = set()
+
+
+def _warn_once(key, msg, *args):
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg, *args)
+
+
+def _cpu_id() -> bytes:
+    # -march=native code must not be reused on a different CPU sharing the same cache dir
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        import platform
+        return platform.processor().encode()
+
+
+def _load_cpu_kernels():
+    global _cpu_kernels
+    if _cpu_kernels is not None:
+        return _cpu_kernels
+    try:
+        if hasattr(torch.ops.chatglm_quant, "linear"):  # already registered in this process
+            _cpu_kernels = torch.ops.chatglm_quant
+            return _cpu_kernels
+    except (AttributeError, RuntimeError):
+        pass
+    errors = []
+    # native SIMD + OpenMP first; then a portable build (e.g. Apple clang has no -fopenmp)
+    for flags in (["-O3", "-march=native", "-fopenmp"], ["-O3"]):
+        try:
+            from torch.utils.cpp_extension import _get_build_directory, load
+
+            tag = hashlib.sha1(CPP_SOURCE.encode() + " ".join(flags).encode() + _cpu_id()).hexdigest()[:12]
+            name = f"chatglm_quant_{tag}"
+            src = os.path.join(_get_build_directory(name, verbose=False), name + ".cpp")
+            if not os.path.exists(src):  # keep the file (and its mtime) so the cached build is reused
+                with open(src + ".tmp", "w") as f:
+                    f.write(CPP_SOURCE)
+                os.replace(src + ".tmp", src)
+            ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
+            load(name=name, sources=[src], extra_cflags=flags + ["-std=c++17"], extra_ldflags=ldflags,
+                 is_python_module=False, verbose=False)
+            _cpu_kernels = torch.ops.chatglm_quant
+            return _cpu_kernels
+        except Exception as e:  # no compiler, unsupported flags, ...
+            errors.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    _warn_once("cpu", "chatglm quantization: CPU kernel unavailable (%s); using the slower "
+                      "dequantize-then-matmul torch path", "; ".join(errors))
+    _cpu_kernels = False
+    return _cpu_kernels
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear compute paths
+# ------------------------------------------------------------------------------------------------
+def _torch_linear(x, qweight, scale, bias, bits):
+    """Fallback: dequantize, then matmul (fp32 on CPU, x's dtype on GPU). On CPU the weight is
+    dequantized a few MB of rows at a time, so the transient float copy stays in cache."""
+    dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+    b = bias.to(dtype) if bias is not None else None
+    if x.device.type != "cpu":
+        return F.linear(x.to(dtype), dequantize_weight(qweight, scale, bits, dtype), b).to(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)                  # [M, K]
+    out = torch.empty(x2.shape[0], qweight.shape[0], dtype=dtype)  # [M, N]
+    step = max(1, (4 << 20) // (4 * x2.shape[1]))
+    for n0 in range(0, qweight.shape[0], step):
+        w = dequantize_weight(qweight[n0:n0 + step], scale[n0:n0 + step], bits, dtype)  # [nb, K]
+        out[:, n0:n0 + step] = F.linear(x2, w, None if b is None else b[n0:n0 + step])
+    return out.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def _cuda_linear(x, qweight, scale, bias, bits):
+    # The original runs THUDM's own CUDA kernels through cpm_kernels; those ship only as a compiled
+    # blob inside the original file, so here the weight is dequantized on the GPU in x's dtype and
+    # cuBLAS does the matmul. Correct on every GPU, at the cost of one transient fp16 weight per call.
+    _warn_once("cuda", "chatglm quantization: no custom CUDA kernel, using dequantize-then-matmul")
+    return _torch_linear(x, qweight, scale, bias, bits)
+
+
+def _forward(x, qweight, scale, bias, bits):
+    if x.device.type == "cpu":
+        kernels = None if FORCE_TORCH_FALLBACK else _load_cpu_kernels()
+        if kernels:
+            return kernels.linear(x, qweight, scale, bias, bits)
+        return _torch_linear(x, qweight, scale, bias, bits)
+    if x.device.type == "cuda":
+        return _cuda_linear(x, qweight, scale, bias, bits)
+    return _torch_linear(x, qweight, scale, bias, bits)
+
+
+def _dequantize_rows(qweight, scale, bits, dtype):
+    if qweight.device.type == "cpu" and not FORCE_TORCH_FALLBACK and _load_cpu_kernels():
+        return torch.ops.chatglm_quant.dequantize(qweight, scale, bits).to(dtype)
+    return dequantize_weight(qweight, scale, bits, dtype)
+
+
+class _QuantizedLinearFn(torch.autograd.Function):
+    """y = x @ W.T + b with frozen quantized W; backward gives grad_x = grad_y @ W (and grad_b)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, bias, bits):
+        ctx.save_for_backward(qweight, scale)
+        ctx.bits = bits
+        return _forward(x, qweight, scale, bias, bits)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qweight, scale = ctx.saved_tensors
+        grad_x = grad_b = None
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # [M, N]
+        if ctx.needs_input_grad[0]:
+            dtype = torch.float32 if g.device.type == "cpu" else g.dtype
+            gd = g.to(dtype)
+            grad_x = torch.zeros(g.shape[0], qweight.shape[1] * 8 // ctx.bits, dtype=dtype, device=g.device)
+            # dequantize a block of rows at a time so the transient float weight stays small
+            step = max(1, (32 << 20) // (4 * grad_x.shape[1]))
+            for n0 in range(0, qweight.shape[0], step):
+                w = _dequantize_rows(qweight[n0:n0 + step], scale[n0:n0 + step], ctx.bits, dtype)
+                grad_x.addmm_(gd[:, n0:n0 + step], w)  # [M, nb] @ [nb, K]
+            grad_x = grad_x.to(grad_out.dtype).view(*grad_out.shape[:-1], -1)
+        if ctx.needs_input_grad[3]:
+            grad_b = g.sum(0)
+        return grad_x, None, None, grad_b, None
+
+
+def quantized_linear(x, qweight, scale, bias, bits):
+    """y[..., out] = x[..., in] @ dequantize(qweight, scale).T + bias, in x's dtype."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _QuantizedLinearFn.apply(x, qweight, scale, bias, bits)
+    return _forward(x, qweight, scale, bias, bits)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------
+class QuantizedLinear(nn.Module):
+    """Drop-in for nn.Linear with a frozen int8/int4 weight. Constructed empty (to be filled by
+    load_state_dict, as for THUDM/chatglm-6b-int4), or from an nn.Linear with `from_linear`."""
+
+    def __init__(self, bits, in_features, out_features, bias=True, dtype=torch.half, device=None):
+        super().__init__()
+        assert bits in (4, 8), "only 4-bit or 8-bit quantization is supported"
+        assert bits == 8 or in_features % 2 == 0, "int4 needs an even number of input features"
+        self.bits = self.weight_bit_width = bits
+        self.in_features, self.out_features = in_features, out_features
+        empty = lambda *shape, dt: nn.Parameter(torch.empty(*shape, dtype=dt, device=device), requires_grad=False)
+        self.weight = empty(out_features, in_features * bits // 8, dt=torch.int8)
+        self.weight_scale = empty(out_features, dt=dtype)
+        self.register_parameter("bias", empty(out_features, dt=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, empty_init: bool = False):
+        """Quantize `linear` on its own device. The scale is kept in the weight's dtype (its values
+        are the fp16-rounded scales of the original format) so the module computes in that dtype."""
+        w = linear.weight
+        self = cls(bits, linear.in_features, linear.out_features, bias=False, dtype=w.dtype, device=w.device)
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        if not empty_init:
+            with torch.no_grad():
+                q, scale = quantize_weight(w.detach(), bits)
+            self.weight = nn.Parameter(q, requires_grad=False)
+            self.weight_scale = nn.Parameter(scale.to(w.dtype), requires_grad=False)
+        return self
+
+    def forward(self, x):
+        return quantized_linear(x, self.weight, self.weight_scale, self.bias, self.bits)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bits={self.bits}, bias={self.bias is not None}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding with an int8/int4 table (the -int4-qe variant): weight int8 [vocab, dim * bits // 8],
+    weight_scale [vocab]. Looks rows up, then dequantizes only those rows (output in the scale's dtype)."""
+
+    def __init__(self, bits, num_embeddings, embedding_dim, dtype=torch.half, device=None):
+        super().__init__()
+        assert bits in (4, 8) and (bits == 8 or embedding_dim % 2 == 0)
+        self.bits = self.weight_bit_width = bits
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim * bits // 8, dtype=torch.int8,
+                                               device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(num_embeddings, dtype=dtype, device=device),
+                                         requires_grad=False)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, empty_init: bool = False):
+        w = emb.weight
+        self = cls(bits, emb.num_embeddings, emb.embedding_dim, dtype=w.dtype, device=w.device)
+        if not empty_init:
+            with torch.no_grad():
+                q, scale = quantize_weight(w.detach(), bits)
+            self.weight = nn.Parameter(q, requires_grad=False)
+            self.weight_scale = nn.Parameter(scale.to(w.dtype), requires_grad=False)
+        return self
+
+    def forward(self, ids):
+        q = self.weight[ids.reshape(-1)]           # [T, dim * bits // 8]
+        s = self.weight_scale[ids.reshape(-1)]     # [T]
+        dtype = self.weight_scale.dtype
+        return dequantize_weight(q, s, self.bits, dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Model surgery
+# ------------------------------------------------------------------------------------------------
+_LAYER_LINEARS = (("attention", "query_key_value"), ("attention", "dense"),
+                  ("mlp", "dense_h_to_4h"), ("mlp", "dense_4h_to_h"))
+
+
+def quantize(model, bits, empty_init=False, quantize_embeddings=False, **kwargs):
+    """Replace, in place, the four linears of every layer by QuantizedLinear (and, with
+    quantize_embeddings, transformer.word_embeddings and lm_head). Works on a
+    ChatGLMForConditionalGeneration (layers at model.transformer.layers) or on the transformer
+    itself (model.layers, the original's calling convention). Each module is quantized on its own
+    device and its float weight is dropped right away, so the extra memory is about one linear.
+    empty_init=True only allocates int8 tensors, to be filled from a pre-quantized checkpoint.
+    Unused kwargs (e.g. use_quantization_cache) are accepted for compatibility with the original."""
+    assert bits in (4, 8), "only 4-bit or 8-bit quantization is supported"
+    root = model.transformer if hasattr(model, "transformer") else model
+    for layer in root.layers:
+        for parent_name, name in _LAYER_LINEARS:
+            parent = getattr(layer, parent_name)
+            linear = getattr(parent, name)
+            if isinstance(linear, nn.Linear):
+                setattr(parent, name, QuantizedLinear.from_linear(linear, bits, empty_init))
+            del linear  # last reference to the float weight goes here
+    if quantize_embeddings:
+        emb = root.word_embeddings
+        head = getattr(model, "lm_head", None)
+        if isinstance(emb, nn.Embedding):
+            tied = isinstance(head, nn.Linear) and head.weight is emb.weight
+            root.word_embeddings = qemb = QuantizedEmbedding.from_embedding(emb, bits, empty_init)
+            if tied:  # tied output projection shares the quantized table (as the original -qe model)
+                qhead = QuantizedLinear(bits, head.in_features, head.out_features, bias=False,
+                                        dtype=qemb.weight_scale.dtype, device=qemb.weight.device)
+                qhead.weight, qhead.weight_scale = qemb.weight, qemb.weight_scale
+                model.lm_head = qhead
+            del emb, head
+        if isinstance(getattr(model, "lm_head", None), nn.Linear):
+            model.lm_head = QuantizedLinear.from_linear(model.lm_head, bits, empty_init)
+    return model

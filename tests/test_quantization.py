@@ -1,0 +1,83 @@
+"""Model-level INT8/INT4: accuracy on the demo checkpoint, quantize-while-loading, saved and pre-quantized checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+
+from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration
+from chatglm_6b.quantization import QuantizedLinear
+from conftest import ROOT
+from test_demo_model import HELLO_REPLY
+from tools.train_demo_model import encode_example, load_corpus
+from utils import load_model_and_tokenizer, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def fp32_demo():
+    return load_model_and_tokenizer(device="cpu")
+
+
+def argmax_agreement(reference, quantized, tokenizer, examples):
+    """Share of response positions where the quantized model's next-token argmax equals fp32's."""
+    agree = total = 0
+    with torch.no_grad():
+        for _, query, history, response in examples:
+            input_ids, labels = encode_example(tokenizer, query, history, response)
+            ids = torch.tensor([input_ids])
+            scored = torch.tensor(labels[1:]) != -100
+            a = reference(input_ids=ids).logits[0, :-1].argmax(-1)[scored]
+            b = quantized(input_ids=ids).logits[0, :-1].argmax(-1)[scored]
+            agree += int((a == b).sum())
+            total += int(scored.sum())
+    return agree / total
+
+
+@pytest.mark.parametrize("bits,target", [(8, 0.99), (4, 0.95)])
+def test_accuracy_on_the_demo_corpus(fp32_demo, bits, target):
+    reference, tokenizer = fp32_demo
+    quantized, _ = load_model_and_tokenizer(device="cpu", quantize=bits)
+    assert all(isinstance(layer.attention.query_key_value, QuantizedLinear) for layer in quantized.transformer.layers)
+    examples = load_corpus()[::4]  # every 4th example keeps the test quick; the benchmark covers them all
+    assert argmax_agreement(reference, quantized, tokenizer, examples) >= target
+    if bits == 8:
+        assert quantized.chat(tokenizer, "你好", do_sample=False)[0] == HELLO_REPLY
+
+
+def test_quantize_while_loading_equals_quantize_after_loading(fp32_demo):
+    model, tokenizer = fp32_demo
+    streamed, _ = load_model_and_tokenizer(device="cpu", quantize=4)
+    after = ChatGLMForConditionalGeneration.from_pretrained(os.path.join(ROOT, "demo_model"), dtype=torch.float32)
+    after.quantize(4)
+    for (name, a), (_, b) in zip(streamed.state_dict().items(), after.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_quantized_checkpoint_reloads_without_quantizing_again(tmp_path):
+    model, tokenizer = load_model_and_tokenizer(device="cpu", quantize=4)
+    save_checkpoint(model, tokenizer, str(tmp_path))
+    assert json.load(open(tmp_path / "config.json"))["quantization_bit"] == 4
+    reloaded, _ = load_model_and_tokenizer(str(tmp_path), device="cpu")
+    assert reloaded.transformer.layers[0].mlp.dense_h_to_4h.weight.dtype == torch.int8
+    inputs = tokenizer(["你好"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_original_int4_layout_loads(tiny, tiny_dir, tmp_path):
+    """A THUDM/chatglm-6b-int4-style directory: config quantization_bit 4, pytorch_model.bin with
+    int8 `weight` [out, in/2] and fp16 `weight_scale` per quantized linear, fp16 everything else."""
+    model, tokenizer = tiny
+    quantized = ChatGLMForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).quantize(4)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in quantized.state_dict().items()}
+    assert state["transformer.layers.0.attention.dense.weight"].dtype == torch.int8
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    config = json.load(open(os.path.join(tiny_dir, "config.json")))
+    config["quantization_bit"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(str(tmp_path))
+    loaded, _ = load_model_and_tokenizer(str(tmp_path), device="cpu")
+    assert isinstance(loaded.transformer.layers[1].mlp.dense_4h_to_h, QuantizedLinear)
+    inputs = tokenizer(["你好"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, quantized(**inputs).logits, atol=2e-2, rtol=2e-2)

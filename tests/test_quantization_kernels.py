@@ -1,0 +1,296 @@
+"""Tests for chatglm_6b/quantization.py: checkpoint format, CPU kernel vs reference, autograd,
+torch fallback, and quantize() model surgery. The first run compiles the C++ kernel (~15 s)."""
+import pytest
+import torch
+from torch import nn
+
+from chatglm_6b import quantization as Q
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = Q._load_cpu_kernels()
+    assert k, "C++ CPU kernel failed to compile/load"
+    return k
+
+
+@pytest.fixture
+def torch_fallback(monkeypatch):
+    monkeypatch.setattr(Q, "FORCE_TORCH_FALLBACK", True)
+
+
+def reference(x, q, s, b, bits):
+    y = x.float() @ Q.dequantize_weight(q, s, bits).T
+    return y + b.float() if b is not None else y
+
+
+# ------------------------------------------------------------------------------------------------
+# Format
+# ------------------------------------------------------------------------------------------------
+def test_int4_nibble_order_hand_computed():
+    q = torch.tensor([[1, -2, 7, -8], [-1, 3, -8, 0]], dtype=torch.int8)
+    # element 2j -> high nibble, 2j+1 -> low nibble (two's complement):
+    # (1, -2) -> 0x1E = 30, (7, -8) -> 0x78 = 120, (-1, 3) -> 0xF3 = -13, (-8, 0) -> 0x80 = -128
+    packed = Q.pack_int4(q)
+    assert packed.dtype == torch.int8
+    assert packed.tolist() == [[30, 120], [-13, -128]]
+    assert torch.equal(Q.unpack_int4(packed), q)
+
+
+def test_int4_pack_roundtrip_all_values():
+    q = torch.arange(-8, 8, dtype=torch.int8)
+    q = torch.cartesian_prod(q, q).to(torch.int8).reshape(1, -1)  # every (hi, lo) pair
+    assert torch.equal(Q.unpack_int4(Q.pack_int4(q)), q)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_weight_format(bits):
+    torch.manual_seed(0)
+    w = torch.randn(12, 10).half()
+    w[3] = 0  # an all-zero row must not produce NaNs
+    q, s = Q.quantize_weight(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and q.shape == (12, 10 * bits // 8)
+    assert s.dtype == torch.float16 and s.shape == (12,)
+    assert torch.equal(s, (w.abs().max(dim=-1).values / qmax).half())
+    expected = torch.round(w / s[:, None]).nan_to_num(0).to(torch.int8)
+    unpacked = Q.unpack_int4(q) if bits == 4 else q
+    assert torch.equal(unpacked, expected) and unpacked.abs().max() <= qmax
+    err = (Q.dequantize_weight(q, s, bits) - w.float()).abs()
+    assert (err <= s.float()[:, None] / 2 + 1e-3).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU kernel vs dequantized reference
+# ------------------------------------------------------------------------------------------------
+SHAPES = [(1, 4096, 4096), (1, 37, 130), (3, 50, 258), (7, 64, 1000), (16, 33, 1026), (80, 40, 98)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_kernel_matches_reference_fp32(kernels, bits, M, N, K):
+    torch.manual_seed(M * N + K)
+    w, b = torch.randn(N, K), torch.randn(N)
+    q, s = Q.quantize_weight(w, bits)
+    x = torch.randn(M, K)
+    y = Q.quantized_linear(x, q, s, b, bits)
+    ref = reference(x, q, s, b, bits)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * K ** 0.5)
+    y_nb = Q.quantized_linear(x, q, s, None, bits)
+    torch.testing.assert_close(y_nb, ref - b, rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_low_precision_inputs(kernels, bits, dtype):
+    torch.manual_seed(1)
+    w = torch.randn(70, 322)
+    q, s = Q.quantize_weight(w, bits)
+    x = torch.randn(2, 5, 322).to(dtype)  # 3-D input, like [seq, batch, hidden]
+    b = torch.randn(70).to(dtype)
+    y = Q.quantized_linear(x, q, s.to(dtype), b, bits)
+    assert y.dtype == dtype and y.shape == (2, 5, 70)
+    ref = reference(x.reshape(-1, 322), q, s.to(dtype), b, bits).reshape(2, 5, 70)
+    torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantize_kernel(kernels, bits):
+    q, s = Q.quantize_weight(torch.randn(9, 66), bits)
+    assert torch.equal(kernels.dequantize(q, s, bits), Q.dequantize_weight(q, s, bits))
+
+
+def test_kernel_honours_thread_count(kernels):
+    q, s = Q.quantize_weight(torch.randn(256, 512), 4)
+    x = torch.randn(3, 512)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = kernels.linear(x, q, s, None, 4)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(y1, kernels.linear(x, q, s, None, 4))  # rows are split, sums are not
+
+
+# ------------------------------------------------------------------------------------------------
+# Torch fallback and autograd
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fallback_matches_kernel(kernels, torch_fallback, bits):
+    torch.manual_seed(2)
+    q, s = Q.quantize_weight(torch.randn(50, 258), bits)
+    b = torch.randn(50)
+    x = torch.randn(4, 258)
+    y_fallback = Q.quantized_linear(x, q, s, b, bits)
+    y_kernel = kernels.linear(x, q, s, b, bits)
+    torch.testing.assert_close(y_fallback, y_kernel, rtol=1e-5, atol=1e-4)
+    xb = x.bfloat16()
+    assert Q.quantized_linear(xb, q, s, b, bits).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gradient_to_input(kernels, monkeypatch, bits, fallback):
+    monkeypatch.setattr(Q, "FORCE_TORCH_FALLBACK", fallback)
+    torch.manual_seed(3)
+    lin = Q.QuantizedLinear.from_linear(nn.Linear(130, 45).float(), bits)
+    x = torch.randn(2, 3, 130, requires_grad=True)
+    g = torch.randn(2, 3, 45)
+    (lin(x) * g).sum().backward()
+    w = Q.dequantize_weight(lin.weight, lin.weight_scale, bits)
+    x2 = x.detach().clone().requires_grad_()
+    ((x2 @ w.T + lin.bias) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    assert lin.weight.grad is None and lin.bias.grad is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules and quantize()
+# ------------------------------------------------------------------------------------------------
+class FakeChatGLM(nn.Module):
+    """Same attribute structure as ChatGLMForConditionalGeneration."""
+
+    def __init__(self, layers=2, hidden=64, inner=256, vocab=100, tie=True):
+        super().__init__()
+        self.transformer = nn.Module()
+        self.transformer.word_embeddings = nn.Embedding(vocab, hidden)
+        self.transformer.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            layer.input_layernorm = nn.LayerNorm(hidden)
+            layer.attention = nn.Module()
+            layer.attention.query_key_value = nn.Linear(hidden, 3 * hidden)
+            layer.attention.dense = nn.Linear(hidden, hidden)
+            layer.mlp = nn.Module()
+            layer.mlp.dense_h_to_4h = nn.Linear(hidden, inner)
+            layer.mlp.dense_4h_to_h = nn.Linear(inner, hidden)
+            self.transformer.layers.append(layer)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    def forward(self, ids):
+        h = self.transformer.word_embeddings(ids)
+        for layer in self.transformer.layers:
+            a = layer.attention.dense(layer.attention.query_key_value(h)[..., : h.shape[-1]])
+            h = h + a + layer.mlp.dense_4h_to_h(torch.relu(layer.mlp.dense_h_to_4h(h)))
+        return self.lm_head(h)
+
+
+LINEAR_KEYS = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_replaces_exactly_the_right_modules(kernels, bits):
+    torch.manual_seed(4)
+    model = FakeChatGLM().half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert Q.quantize(model, bits) is model
+    sd = model.state_dict()
+    for i in range(2):
+        layer = model.transformer.layers[i]
+        assert isinstance(layer.input_layernorm, nn.LayerNorm)
+        for key in LINEAR_KEYS:
+            mod = layer.get_submodule(key)
+            assert isinstance(mod, Q.QuantizedLinear)
+            p = f"transformer.layers.{i}.{key}"
+            w = before[p + ".weight"]
+            assert sd[p + ".weight"].dtype == torch.int8
+            assert sd[p + ".weight"].shape == (w.shape[0], w.shape[1] * bits // 8)
+            assert sd[p + ".weight_scale"].shape == (w.shape[0],)
+            assert sd[p + ".weight_scale"].dtype == torch.float16
+            assert torch.equal(sd[p + ".bias"], before[p + ".bias"])
+            assert not mod.weight.requires_grad
+            q, s = Q.quantize_weight(w, bits)
+            assert torch.equal(sd[p + ".weight"], q) and torch.equal(sd[p + ".weight_scale"], s)
+    # embeddings / lm_head untouched without quantize_embeddings
+    assert isinstance(model.transformer.word_embeddings, nn.Embedding)
+    assert isinstance(model.lm_head, nn.Linear)
+    added = {f"transformer.layers.{i}.{k}.weight_scale" for i in range(2) for k in LINEAR_KEYS}
+    assert set(sd) == set(before) | added
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_close_to_float_and_dtype_moves(kernels, bits):
+    torch.manual_seed(5)
+    model = FakeChatGLM(tie=False)
+    ids = torch.randint(0, 100, (2, 7))
+    ref = model(ids)
+    Q.quantize(model, bits)
+    out = model(ids)
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < (0.02 if bits == 8 else 0.2)
+    # .half() / .bfloat16() / .float() / .to() keep the int8 weights int8 and keep working
+    for conv in (lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.to(torch.float32)):
+        conv(model)
+        qkv = model.transformer.layers[0].attention.query_key_value
+        assert qkv.weight.dtype == torch.int8
+        x = torch.randn(3, 64).to(qkv.weight_scale.dtype)
+        assert qkv(x).dtype == x.dtype
+    # back in fp32; only the bf16 round trip of the float params (bias, embeddings) differs
+    torch.testing.assert_close(model(ids), out, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_empty_init_then_load_state_dict(kernels, bits):
+    torch.manual_seed(6)
+    src = Q.quantize(FakeChatGLM().half(), bits, quantize_embeddings=True)
+    dst = Q.quantize(FakeChatGLM().half(), bits, empty_init=True, quantize_embeddings=True)
+    for key, t in dst.state_dict().items():
+        assert t.shape == src.state_dict()[key].shape and t.dtype == src.state_dict()[key].dtype, key
+    dst.load_state_dict(src.state_dict())
+    src.float(), dst.float()
+    ids = torch.randint(0, 100, (1, 5))
+    assert torch.equal(src(ids), dst(ids))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_embeddings(kernels, bits):
+    torch.manual_seed(7)
+    model = FakeChatGLM(tie=True)
+    emb_w = model.transformer.word_embeddings.weight.detach().clone()
+    Q.quantize(model, bits, quantize_embeddings=True)
+    emb, head = model.transformer.word_embeddings, model.lm_head
+    assert isinstance(emb, Q.QuantizedEmbedding) and isinstance(head, Q.QuantizedLinear)
+    assert head.bias is None and head.weight is emb.weight  # tied: one quantized table
+    sd = model.state_dict()
+    assert sd["transformer.word_embeddings.weight"].shape == (100, 64 * bits // 8)
+    assert sd["transformer.word_embeddings.weight_scale"].shape == (100,)
+    assert {"lm_head.weight", "lm_head.weight_scale"} <= set(sd) and "lm_head.bias" not in sd
+    ids = torch.tensor([[0, 5, 99], [3, 3, 42]])
+    q, s = Q.quantize_weight(emb_w, bits)
+    torch.testing.assert_close(emb(ids), Q.dequantize_weight(q, s, bits)[ids])
+    # untied lm_head is quantized on its own
+    model = Q.quantize(FakeChatGLM(tie=False), bits, quantize_embeddings=True)
+    assert isinstance(model.lm_head, Q.QuantizedLinear)
+    assert model.lm_head.weight is not model.transformer.word_embeddings.weight
+
+
+def test_quantize_accepts_transformer_directly(kernels):
+    model = FakeChatGLM()
+    Q.quantize(model.transformer, 8)  # original calling convention: quantize(self.transformer, ...)
+    assert isinstance(model.transformer.layers[1].mlp.dense_4h_to_h, Q.QuantizedLinear)
+
+
+def test_compile_failure_falls_back_with_one_warning(tmp_path):
+    # fresh process, empty extensions dir and a compiler that does not exist
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, torch\n"
+        "from chatglm_6b import quantization as Q\n"
+        "q, s = Q.quantize_weight(torch.randn(8, 16), 4)\n"
+        "x = torch.randn(2, 16)\n"
+        "y = Q.quantized_linear(x, q, s, None, 4); Q.quantized_linear(x, q, s, None, 4)\n"
+        "torch.testing.assert_close(y, x @ Q.dequantize_weight(q, s, 4).T)\n"
+        "assert Q._cpu_kernels is False\n"
+    )
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="/nonexistent/c++")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("CPU kernel unavailable") == 1, r.stderr
