@@ -8,9 +8,12 @@ Type `clear` to forget the conversation, `stop` (or Ctrl-D) to quit; Ctrl-C stop
 """
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
 
 from chatglm_6b.modeling_chatglm import stable_prefix  # noqa: E402
 from utils import add_model_args, load_from_args  # noqa: E402
@@ -59,7 +62,14 @@ def main():
     parser.add_argument("--greedy", action="store_true", help="no sampling: the same input gives the same reply")
     args = parser.parse_args()
 
+    # Threads started while loading (torch's workers) inherit a blocked SIGINT, so Ctrl-C always reaches
+    # this thread, even while it waits at the prompt.
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     model, tokenizer = load_from_args(args)
+    (torch.ones(256, 256) @ torch.ones(256, 256)).sum()  # start torch's worker threads now, SIGINT blocked
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and input history for input())

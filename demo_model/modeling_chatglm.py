@@ -8,6 +8,7 @@ The KV cache is a transformers `Cache` ([B, heads, L, head_dim] per layer).
 """
 import queue
 import re
+import signal
 import threading
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -75,6 +76,10 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return scores
 
 
+class PrefixEmbedding(nn.Embedding):
+    """The prefix encoder's table (its own class so that initialisation can tell it apart)."""
+
+
 class PrefixEncoder(nn.Module):
     """P-Tuning v2: `pre_seq_len` learned prefix tokens -> past keys and values of every layer.
     Output: [B, pre_seq_len, num_layers * 2 * hidden_size]."""
@@ -84,11 +89,11 @@ class PrefixEncoder(nn.Module):
         kv_size = config.num_layers * config.hidden_size * 2
         self.prefix_projection = config.prefix_projection
         if self.prefix_projection:
-            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.embedding = PrefixEmbedding(config.pre_seq_len, config.hidden_size)
             self.trans = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(),
                                        nn.Linear(config.hidden_size, kv_size))
         else:
-            self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+            self.embedding = PrefixEmbedding(config.pre_seq_len, kv_size)
 
     def forward(self, prefix: torch.LongTensor) -> torch.Tensor:
         embedded = self.embedding(prefix)
@@ -229,6 +234,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             param.requires_grad = "prefix_encoder." in name
 
     def _init_weights(self, module):
+        if isinstance(module, PrefixEmbedding):  # the original left it to PyTorch: N(0, 1)
+            init.normal_(module.weight, mean=0.0, std=1.0)
+            return
         super()._init_weights(module)
         if isinstance(module, RotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq())
@@ -391,6 +399,9 @@ class _StopOnEvent(StoppingCriteria):
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    # forward() returns the batch-mean loss and ignores num_items_in_batch: the Trainer must divide
+    # by the gradient accumulation steps itself.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: ChatGLMConfig, empty_init: bool = True):
         super().__init__(config)
@@ -509,6 +520,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         failure = []
 
         def run():
+            if hasattr(signal, "pthread_sigmask"):  # Ctrl-C belongs to the consumer's (main) thread
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 self.generate(input_ids=input_ids, streamer=token_queue, **kwargs)
             except BaseException as error:  # re-raised in the consumer

@@ -1,0 +1,239 @@
+"""ptuning/: P-Tuning v2, LoRA and full fine-tuning runs of main.py on the tiny reference checkpoint, their
+checkpoints, evaluation and metrics, and the shell scripts. About 20 s on 2 idle CPU cores."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration, build_prompt  # noqa: E402
+from ptuning import main as ptuning_main  # noqa: E402
+from ptuning.finetuned import checkpoint_kind, load_finetuned  # noqa: E402
+
+TINY = os.path.join(ROOT, "tests", "fixtures", "reference", "tiny-chatglm")
+ADGEN = os.path.join(ROOT, "ptuning", "data", "adgen_sample")
+CHAT = os.path.join(ROOT, "ptuning", "data", "chat_sample")
+PREFIX = "transformer.prefix_encoder."
+
+
+def run_main(*args, data=ADGEN, columns=("content", "summary"), **options):
+    """main.py in-process on the tiny checkpoint, CPU, no progress bars; options are --name value pairs."""
+    argv = ["--model_name_or_path", TINY, "--prompt_column", columns[0], "--response_column", columns[1],
+            "--max_source_length", "64", "--max_target_length", "64", "--use_cpu", "--disable_tqdm", "true",
+            "--report_to", "none", "--seed", "0", *args]
+    for name, value in options.items():
+        argv += [f"--{name}", str(value)]
+    return ptuning_main.main(argv)
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def predictions(output_dir):
+    with open(os.path.join(output_dir, "generated_predictions.txt"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def ptuning_run(tmp_path_factory):
+    """16 P-Tuning steps on 4 examples (a high learning rate: the tiny model is random), then generation on 6
+    dev examples with the in-memory model."""
+    out = str(tmp_path_factory.mktemp("pt"))
+    trainer = run_main("--do_train", "--do_predict", "--predict_with_generate", train_file=f"{ADGEN}/train.json",
+                       test_file=f"{ADGEN}/dev.json", output_dir=out, cache_dir=f"{out}/cache", pre_seq_len=8,
+                       learning_rate=0.5, max_steps=16, save_steps=8, logging_steps=1, max_train_samples=4,
+                       per_device_train_batch_size=4, max_predict_samples=6, per_device_eval_batch_size=3,
+                       generation_max_length=96)
+    return out, trainer
+
+
+def test_ptuning_trains_only_the_prefix_encoder(ptuning_run):
+    out, trainer = ptuning_run
+    model = trainer.model
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith(PREFIX) for name in trained)
+    assert model.transformer.prefix_encoder.embedding.weight.dtype == torch.float32
+    base = ChatGLMForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32).state_dict()
+    for name, value in model.state_dict().items():
+        if not name.startswith(PREFIX):
+            assert torch.equal(value, base[name]), name
+    halfway = load_file(f"{out}/checkpoint-8/model.safetensors")
+    final = load_file(f"{out}/checkpoint-16/model.safetensors")
+    assert not torch.equal(halfway[PREFIX + "embedding.weight"], final[PREFIX + "embedding.weight"])
+    assert torch.equal(final[PREFIX + "embedding.weight"], model.transformer.prefix_encoder.embedding.weight)
+
+
+def test_ptuning_checkpoint_holds_prefix_and_trainer_state_only(ptuning_run):
+    out, _ = ptuning_run
+    checkpoint = f"{out}/checkpoint-16"
+    assert set(os.listdir(checkpoint)) == {"model.safetensors", "config.json", "training_args.bin", "optimizer.pt",
+                                           "scheduler.pt", "rng_state.pth", "trainer_state.json"}
+    with safe_open(f"{checkpoint}/model.safetensors", framework="pt") as f:
+        assert list(f.keys()) == [PREFIX + "embedding.weight"]
+        assert f.get_tensor(PREFIX + "embedding.weight").shape == (8, 3 * 2 * 48)
+    assert os.path.getsize(f"{checkpoint}/model.safetensors") < 20_000
+    assert read_json(f"{checkpoint}/config.json")["pre_seq_len"] == 8
+    assert checkpoint_kind(checkpoint) == "ptuning"
+    assert os.path.isfile(f"{out}/model.safetensors")  # the final model, saved at the end of training
+
+
+def test_ptuning_loss_decreases(ptuning_run):
+    out, _ = ptuning_run
+    log = read_json(f"{out}/checkpoint-16/trainer_state.json")["log_history"]
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
+
+
+def test_ptuning_resumes_from_a_checkpoint(ptuning_run, tmp_path):
+    out, _ = ptuning_run
+    shutil.copytree(f"{out}/checkpoint-8", tmp_path / "checkpoint-8")
+    run_main("--do_train", train_file=f"{ADGEN}/train.json", output_dir=str(tmp_path), cache_dir=f"{tmp_path}/cache",
+             resume_from_checkpoint=str(tmp_path / "checkpoint-8"), pre_seq_len=8, learning_rate=0.5, max_steps=16,
+             save_steps=8, logging_steps=1, max_train_samples=4, per_device_train_batch_size=4)
+    resumed = load_file(f"{tmp_path}/checkpoint-16/model.safetensors")
+    assert torch.equal(resumed[PREFIX + "embedding.weight"],
+                       load_file(f"{out}/checkpoint-16/model.safetensors")[PREFIX + "embedding.weight"])
+
+
+def test_predict_writes_predictions_and_metrics(ptuning_run):
+    out, _ = ptuning_run
+    rows = predictions(out)
+    assert len(rows) == 6 and all(set(row) == {"labels", "predict"} for row in rows)
+    assert rows[0]["labels"].startswith("复古风格的水桶包")
+    metrics = read_json(f"{out}/predict_results.json")
+    for key in ("predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_bleu-4"):
+        assert 0 <= metrics[key] <= 100
+
+
+def test_ptuning_checkpoint_reloads_to_the_same_predictions(ptuning_run, tmp_path):
+    out, _ = ptuning_run
+    run_main("--do_predict", "--predict_with_generate", test_file=f"{ADGEN}/dev.json", output_dir=str(tmp_path),
+             cache_dir=f"{tmp_path}/cache", ptuning_checkpoint=f"{out}/checkpoint-16", max_predict_samples=6,
+             per_device_eval_batch_size=3, generation_max_length=96)
+    assert predictions(str(tmp_path)) == predictions(out)
+    # The loader the front-ends use gives the same answer through chat().
+    model, tokenizer = load_finetuned(f"{out}/checkpoint-16", TINY, device="cpu")
+    trained = ptuning_run[1].model.eval()
+    query = "类型#裙*颜色#白色"
+    assert model.chat(tokenizer, query, do_sample=False, max_length=96)[0] == \
+        trained.chat(tokenizer, query, do_sample=False, max_length=96)[0]
+
+
+def test_history_column_builds_chat_prompts(tmp_path):
+    from transformers import Seq2SeqTrainingArguments
+
+    from ptuning.arguments import DataTrainingArguments
+    from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
+
+    tokenizer = ChatGLMTokenizer.from_pretrained(TINY)
+    data_args = DataTrainingArguments(train_file=f"{CHAT}/train.json", prompt_column="prompt",
+                                      response_column="response", history_column="history",
+                                      max_source_length=512, max_target_length=256)
+    raw = ptuning_main.load_raw_datasets(data_args, cache_dir=str(tmp_path))
+    encoded = ptuning_main.prepare(raw, "train", None,
+                                   lambda e: ptuning_main.encode_for_loss(tokenizer, e, data_args, 256), data_args,
+                                   Seq2SeqTrainingArguments(output_dir=str(tmp_path)))
+    examples = list(raw["train"])
+    assert any(len(e["history"]) >= 2 for e in examples) and any(not e["history"] for e in examples)
+    for example, features in zip(examples, encoded):
+        prompt = tokenizer.encode(build_prompt(example["prompt"], example["history"]), add_special_tokens=False)
+        answer = tokenizer.encode(example["response"], add_special_tokens=False)
+        assert features["input_ids"] == prompt + [tokenizer.gmask_token_id, tokenizer.bos_token_id] + answer + \
+            [tokenizer.eos_token_id]
+        assert features["labels"] == [-100] * (len(prompt) + 1) + features["input_ids"][len(prompt) + 1:]
+    # A prompt too long for max_source_length loses its oldest turns, never the current question.
+    data_args.max_source_length = 16
+    example = next(e for e in examples if e["history"])
+    ids = ptuning_main.prompt_ids(tokenizer, example, data_args)
+    full = tokenizer.encode(build_prompt(example["prompt"], example["history"]), add_special_tokens=False)
+    assert ids == full[-15:]
+
+
+def test_lora_checkpoint_holds_adapters_only(tmp_path):
+    out = str(tmp_path)
+    run_main("--do_train", train_file=f"{ADGEN}/train.json", output_dir=out, cache_dir=f"{out}/cache", lora_rank=4,
+             learning_rate=1e-2, max_steps=4, save_steps=4, max_train_samples=8, per_device_train_batch_size=4)
+    checkpoint = f"{out}/checkpoint-4"
+    files = set(os.listdir(checkpoint))
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "ice_text.model"}
+    adapters = load_file(f"{checkpoint}/adapter_model.safetensors")
+    assert adapters and all("lora_" in name and "query_key_value" in name for name in adapters)
+    assert checkpoint_kind(checkpoint) == "lora"
+    merged, _ = load_finetuned(checkpoint, TINY, device="cpu")
+    base = ChatGLMForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32)
+    assert type(merged) is ChatGLMForConditionalGeneration
+    qkv = "transformer.layers.0.attention.query_key_value.weight"
+    assert not torch.equal(merged.state_dict()[qkv], base.state_dict()[qkv])
+
+
+def test_full_finetune_saves_a_whole_model(tmp_path):
+    out = str(tmp_path)
+    run_main("--do_train", train_file=f"{ADGEN}/train.json", output_dir=out, cache_dir=f"{out}/cache",
+             learning_rate=1e-3, max_steps=2, save_steps=2, max_train_samples=4, per_device_train_batch_size=2)
+    checkpoint = f"{out}/checkpoint-2"
+    assert checkpoint_kind(checkpoint) == "full"
+    model, _ = load_finetuned(checkpoint, device="cpu")
+    assert model.config.use_cache  # saved ready for generation, though training ran without the cache
+    base = ChatGLMForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32)
+    name = "transformer.layers.0.mlp.dense_h_to_4h.weight"
+    assert not torch.equal(model.state_dict()[name], base.state_dict()[name])
+
+
+def test_ptuning_on_a_quantized_base(tmp_path):
+    out = str(tmp_path)
+    trainer = run_main("--do_train", train_file=f"{ADGEN}/train.json", output_dir=out, cache_dir=f"{out}/cache",
+                       pre_seq_len=4, quantization_bit=4, learning_rate=0.5, max_steps=2, save_steps=2,
+                       max_train_samples=4, per_device_train_batch_size=2)
+    assert trainer.model.transformer.layers[0].attention.query_key_value.weight.dtype == torch.int8
+    with safe_open(f"{out}/checkpoint-2/model.safetensors", framework="pt") as f:
+        assert list(f.keys()) == [PREFIX + "embedding.weight"]
+
+
+def test_score_matches_the_original_definition():
+    perfect = ptuning_main.score(["这件衬衫非常宽松。"], ["这件衬衫非常宽松。"])
+    assert perfect == {"rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0, "bleu-4": 100.0}
+    empty = ptuning_main.score([""], ["这件衬衫非常宽松。"])
+    assert empty == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0, "bleu-4": 0.0}
+    partial = ptuning_main.score(["这件衬衫很宽松", "白色的裙子"], ["这件衬衫非常宽松", "黑色的裙子"])
+    assert all(0 < value < 100 for value in partial.values())
+
+
+def test_train_sh_from_the_repository_root(tmp_path):
+    env = dict(os.environ, MODEL=TINY, STEPS="2", BATCH="2", OUTPUT=str(tmp_path / "out"))
+    result = subprocess.run(["bash", "ptuning/train.sh", "--max_train_samples", "4", "--use_cpu",
+                             "--cache_dir", str(tmp_path / "cache")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoint_kind(str(tmp_path / "out" / "checkpoint-2")) == "ptuning"
+
+
+@pytest.mark.skipif(shutil.which("deepspeed") is not None, reason="DeepSpeed is installed")
+def test_ds_train_finetune_needs_deepspeed():
+    result = subprocess.run(["bash", "ptuning/ds_train_finetune.sh"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0 and "needs DeepSpeed" in result.stderr
+
+
+def test_gradient_accumulation_averages_the_loss(tmp_path):
+    """4 examples as one batch or as 4 accumulated batches of 1: the same loss, not 4 times it."""
+    losses = []
+    for batch, accumulation in ((4, 1), (1, 4)):
+        out = str(tmp_path / f"b{batch}")
+        run_main("--do_train", train_file=f"{ADGEN}/train.json", output_dir=out, cache_dir=f"{out}/cache",
+                 pre_seq_len=4, max_steps=1, logging_steps=1, save_steps=1, max_train_samples=4,
+                 per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        log = read_json(f"{out}/trainer_state.json")["log_history"]
+        losses.append(next(entry["loss"] for entry in log if "loss" in entry))
+    assert abs(losses[0] - losses[1]) < 0.5, losses
