@@ -196,6 +196,75 @@ def load_quantized(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dty
     return model, {"missing_keys": [n for n in missing if "prefix_encoder" not in n], "unexpected_keys": unexpected}
 
 
+# ---- what ptuning/ trains: P-Tuning v2 prefixes, LoRA adapters, full fine-tunes ----------------------
+
+def _weight_names(checkpoint: str):
+    """Names of the weights in a single-file checkpoint, read without loading the tensors; [] when sharded."""
+    path = os.path.join(checkpoint, "model.safetensors")
+    if os.path.isfile(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    path = os.path.join(checkpoint, "pytorch_model.bin")
+    if os.path.isfile(path):
+        return list(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+    return []
+
+
+def checkpoint_kind(checkpoint: str) -> str:
+    """"ptuning", "lora" or "full" (see the module docstring)."""
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"fine-tuned checkpoint {checkpoint!r} is not a directory.")
+    if os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
+        return "lora"
+    names = _weight_names(checkpoint)
+    if names and all("prefix_encoder." in name for name in names):
+        return "ptuning"
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise CheckpointError(f"{checkpoint!r} is neither a P-Tuning, a LoRA nor a full checkpoint.")
+    return "full"
+
+
+def load_finetuned(checkpoint: Optional[str] = None, model_path: Optional[str] = None,
+                   pre_seq_len: Optional[int] = None, prefix_projection: Optional[bool] = None,
+                   device: str = "auto", dtype: Optional[torch.dtype] = None, quantize: Optional[int] = None,
+                   num_gpus: int = 1):
+    """(model, tokenizer) in eval mode: the base model `model_path` (default: the demo checkpoint) with the
+    fine-tuned `checkpoint` of any kind applied; no checkpoint gives the base model. pre_seq_len and
+    prefix_projection default to the values the P-Tuning checkpoint records. Raises CheckpointError."""
+    kind = checkpoint_kind(checkpoint) if checkpoint else None
+    options = dict(device=device, dtype=dtype, num_gpus=num_gpus)
+    if kind is None:
+        return load_model_and_tokenizer(model_path, quantize=quantize, **options)
+    if kind == "full":  # pre_seq_len: a new prefix to train on top (old full checkpoints record their own)
+        return load_model_and_tokenizer(checkpoint, quantize=quantize, pre_seq_len=pre_seq_len,
+                                        prefix_projection=bool(prefix_projection), **options)
+    if kind == "lora":
+        from peft import PeftModel
+
+        # Merged before quantizing: the adapters' deltas are added to full-precision weights.
+        model, tokenizer = load_model_and_tokenizer(model_path, **options)
+        model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
+        if quantize:
+            model.quantize(quantize)
+        return model.eval(), tokenizer
+
+    config_path = os.path.join(checkpoint, "config.json")
+    recorded = {}
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    pre_seq_len = pre_seq_len or recorded.get("pre_seq_len")
+    if prefix_projection is None:
+        prefix_projection = recorded.get("prefix_projection", False)
+    model, tokenizer = load_model_and_tokenizer(model_path, quantize=quantize, ptuning_checkpoint=checkpoint,
+                                                pre_seq_len=pre_seq_len, prefix_projection=prefix_projection,
+                                                **options)
+    model.transformer.prefix_encoder.float()  # trained in fp32, kept so (it is small)
+    return model, tokenizer
+
+
 def gpu_device_map(num_layers: int, num_gpus: int) -> Dict[str, int]:
     """Embeddings, final norm and lm_head on GPU 0 (they count as about two layers), the layers spread
     evenly over the GPUs after that, as the original's multi-GPU loader placed them."""
@@ -216,17 +285,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                        help="auto picks CUDA, then MPS, then CPU")
     group.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
-    group.add_argument("--ptuning-checkpoint", default=None, help="a P-Tuning v2 checkpoint directory from ptuning/")
-    group.add_argument("--pre-seq-len", type=int, default=None, help="PRE_SEQ_LEN of that P-Tuning checkpoint")
+    group.add_argument("--ptuning-checkpoint", default=None,
+                       help="a checkpoint from ptuning/: P-Tuning v2 prefix, LoRA adapter or full fine-tune")
+    group.add_argument("--pre-seq-len", type=int, default=None,
+                       help="PRE_SEQ_LEN of a P-Tuning checkpoint (default: what its config.json records)")
     return parser
 
 
 def load_from_args(args: argparse.Namespace):
-    """load_model_and_tokenizer from add_model_args' options; a bad checkpoint exits with one line."""
+    """(model, tokenizer) from add_model_args' options, with a fine-tuned checkpoint applied if given;
+    a bad checkpoint exits with one line."""
     try:
-        return load_model_and_tokenizer(args.model_path, device=args.device, quantize=args.quantize,
-                                        ptuning_checkpoint=args.ptuning_checkpoint, pre_seq_len=args.pre_seq_len,
-                                        num_gpus=args.num_gpus)
+        return load_finetuned(args.ptuning_checkpoint, args.model_path, pre_seq_len=args.pre_seq_len,
+                              device=args.device, quantize=args.quantize, num_gpus=args.num_gpus)
     except CheckpointError as error:
         sys.exit(f"error: {error}")
 

@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 from chatglm_6b.modeling_chatglm import build_prompt  # noqa: E402
 from ptuning.arguments import IGNORED_OPTIONS, DataTrainingArguments, ModelArguments  # noqa: E402
-from ptuning.finetuned import load_finetuned  # noqa: E402
+from utils import load_finetuned  # noqa: E402
 from ptuning.trainer import ChatGLMTrainer  # noqa: E402
 from utils import CheckpointError, load_model_and_tokenizer  # noqa: E402
 

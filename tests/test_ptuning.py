@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration, build_prompt  # noqa: E402
 from ptuning import main as ptuning_main  # noqa: E402
-from ptuning.finetuned import checkpoint_kind, load_finetuned  # noqa: E402
+from utils import checkpoint_kind, load_finetuned  # noqa: E402
 
 TINY = os.path.join(ROOT, "tests", "fixtures", "reference", "tiny-chatglm")
 ADGEN = os.path.join(ROOT, "ptuning", "data", "adgen_sample")
