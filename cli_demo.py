@@ -11,6 +11,11 @@ import os
 import signal
 import sys
 
+# Ctrl-C must reach the main thread, which may be waiting at the prompt: threads started by the imports
+# and the model loading below (torch's, the tokenizer's, ...) inherit this blocked SIGINT.
+if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
@@ -62,10 +67,6 @@ def main():
     parser.add_argument("--greedy", action="store_true", help="no sampling: the same input gives the same reply")
     args = parser.parse_args()
 
-    # Threads started while loading (torch's workers) inherit a blocked SIGINT, so Ctrl-C always reaches
-    # this thread, even while it waits at the prompt.
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     model, tokenizer = load_from_args(args)
     (torch.ones(256, 256) @ torch.ones(256, 256)).sum()  # start torch's worker threads now, SIGINT blocked
     if hasattr(signal, "pthread_sigmask"):
