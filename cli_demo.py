@@ -11,10 +11,13 @@ import os
 import signal
 import sys
 
-# Ctrl-C must reach the main thread, which may be waiting at the prompt: threads started by the imports
-# and the model loading below (torch's, the tokenizer's, ...) inherit this blocked SIGINT.
-if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+# Ctrl-C interrupts a reply, so it must reach the main thread, which may be waiting at the prompt.
+if __name__ == "__main__":
+    # Python keeps ignoring SIGINT when its parent ignored it (e.g. a script's background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Threads started by the imports and the model loading below inherit this blocked SIGINT.
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
