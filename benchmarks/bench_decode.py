@@ -1,0 +1,158 @@
+"""End-to-end CPU speed and memory per dtype: decode ms/token (batch 1, KV cache, steady state), prefill
+tokens/s, weight bytes, peak RSS, and each decode time against the memory-bandwidth roofline.
+
+    python benchmarks/bench_decode.py                      # demo checkpoint, every dtype
+    python benchmarks/bench_decode.py --model 6b --dtypes bf16,int8,int4
+                                                           # ChatGLM-6B-shaped, random weights built in memory
+
+Every configuration runs in its own process, so that its peak RSS is its own. fp32 6B (24.7 GB) does not fit
+in this machine's 24 GiB and is skipped.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
+from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration  # noqa: E402
+from chatglm_6b.quantization import QuantizedLinear  # noqa: E402
+from utils import load_model_and_tokenizer  # noqa: E402
+
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LINEARS = (("attention", "query_key_value"), ("attention", "dense"), ("mlp", "dense_h_to_4h"), ("mlp", "dense_4h_to_h"))
+
+
+def random_6b(dtype_name: str) -> ChatGLMForConditionalGeneration:
+    """ChatGLM-6B's shapes with random weights, built one layer at a time (quantized as it goes), so the
+    float model never exists in full when an integer dtype is asked for."""
+    bits = {"int8": 8, "int4": 4}.get(dtype_name)
+    dtype = torch.bfloat16 if bits else FLOAT_DTYPES[dtype_name]
+    config = ChatGLMConfig()
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    model.transformer.word_embeddings.to_empty(device="cpu").to(dtype).weight.data.normal_(0, 0.02)
+    model.lm_head.weight = model.transformer.word_embeddings.weight
+    model.transformer.final_layernorm.to_empty(device="cpu").reset_parameters()
+    for layer in tqdm(model.transformer.layers, desc=f"building 6B {dtype_name}"):
+        layer.to_empty(device="cpu")
+        for module in layer.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.reset_parameters()
+        layer.attention.rotary_emb.inv_freq.copy_(layer.attention.rotary_emb.compute_inv_freq())
+        for parent_name, name in LINEARS:
+            parent = getattr(layer, parent_name)
+            linear = getattr(parent, name).to(dtype)
+            linear.weight.data.normal_(0, 0.02)
+            linear.bias.data.zero_()
+            setattr(parent, name, QuantizedLinear.from_linear(linear, bits) if bits else linear)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.to(dtype)
+    model.transformer.final_layernorm.to(dtype)
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.inference_mode()
+def measure(model, prompt_length: int, decode_steps: int):
+    vocab = model.config.vocab_size
+    prompt = torch.randint(10, min(vocab, 20000), (1, prompt_length))
+    prompt[0, -2:] = torch.tensor([model.config.gmask_token_id, model.config.bos_token_id])
+    model(input_ids=prompt[:, :8], use_cache=True)  # warm-up (kernel compile/load, allocator)
+    start = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    prefill = prompt_length / (time.perf_counter() - start)
+    cache, sequence = out.past_key_values, prompt
+    times = []
+    for _ in range(decode_steps):
+        token = out.logits[:, -1:].argmax(-1)
+        sequence = torch.cat([sequence, token], dim=1)
+        position_ids = model.get_position_ids(sequence)[..., -1:]
+        start = time.perf_counter()
+        out = model(input_ids=token, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - start)
+    steady = sorted(times[1:])[len(times[1:]) // 2]  # median, past the first step
+    return prefill, steady * 1000
+
+
+def bandwidth_gbs() -> float:
+    """Read bandwidth: summing a 1 GiB tensor (far larger than the caches)."""
+    x = torch.ones(1 << 28)
+    x.sum()
+    start = time.perf_counter()
+    for _ in range(3):
+        x.sum()
+    return 3 * x.numel() * 4 / (time.perf_counter() - start) / 1e9
+
+
+def run_one(args) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.model == "demo":
+        bits = {"int8": 8, "int4": 4}.get(args.one)
+        model, _ = load_model_and_tokenizer(device="cpu", dtype=FLOAT_DTYPES.get(args.one, torch.float32),
+                                            quantize=bits)
+    else:
+        model = random_6b(args.one)
+    prefill, decode_ms = measure(model, args.prompt_length, args.decode_steps)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"dtype": args.one, "weight_bytes": weight_bytes(model), "prefill_tok_s": prefill,
+            "decode_ms": decode_ms, "peak_rss": peak_rss}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["demo", "6b"], default="demo")
+    parser.add_argument("--dtypes", default="fp32,bf16,fp16,int8,int4")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one dtype in this process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+
+    torch.set_num_threads(args.threads)
+    bandwidth = bandwidth_gbs()
+    rows = []
+    for dtype in tqdm(args.dtypes.split(","), desc="configurations"):
+        if args.model == "6b" and dtype == "fp32":
+            tqdm.write("fp32 6B: 24.7 GB of weights do not fit in 24 GiB of RAM, skipped")
+            continue
+        command = [sys.executable, __file__, "--model", args.model, "--one", dtype, "--threads", str(args.threads),
+                   "--prompt-length", str(args.prompt_length), "--decode-steps", str(args.decode_steps)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            tqdm.write(f"{dtype}: failed: {result.stderr.strip().splitlines()[-1:]}")
+            continue
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    print(f"\n{args.model} model, {args.threads} threads, measured read bandwidth {bandwidth:.1f} GB/s")
+    baseline = next((r["decode_ms"] for r in rows if r["dtype"] in ("fp32", "bf16")), None)
+    print(f"{'dtype':<6} {'weights GB':>10} {'peak RSS GB':>11} {'prefill tok/s':>13} {'decode ms/tok':>13} "
+          f"{'roofline ms':>11} {'x roofline':>10} {'speed vs ' + ('fp32' if rows and rows[0]['dtype'] == 'fp32' else 'bf16'):>13}")
+    for r in rows:
+        roofline = r["weight_bytes"] / (bandwidth * 1e9) * 1000
+        speed = f"{baseline / r['decode_ms']:.2f}x" if baseline else "-"
+        print(f"{r['dtype']:<6} {r['weight_bytes'] / 1e9:>10.3f} {r['peak_rss'] / 1e9:>11.2f} {r['prefill_tok_s']:>13.1f} "
+              f"{r['decode_ms']:>13.2f} {roofline:>11.2f} {r['decode_ms'] / roofline:>10.2f} {speed:>13}")
+
+
+if __name__ == "__main__":
+    main()
