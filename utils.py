@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import sys
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -58,20 +58,11 @@ def _resolve(model_path: str) -> str:
 
 def load_prefix_encoder(model: ChatGLMForConditionalGeneration, ptuning_checkpoint: str) -> None:
     """Loads the P-Tuning prefix encoder weights saved by ptuning/ (the only trained weights there)."""
-    weights = None
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        path = os.path.join(ptuning_checkpoint, name)
-        if os.path.isfile(path):
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                weights = load_file(path)
-            else:
-                weights = torch.load(path, map_location="cpu", weights_only=True)
-            break
-    if weights is None:
+    files = [os.path.join(ptuning_checkpoint, name) for name in ("model.safetensors", "pytorch_model.bin")
+             if os.path.isfile(os.path.join(ptuning_checkpoint, name))]
+    if not files:
         raise CheckpointError(f"no model.safetensors or pytorch_model.bin in P-Tuning checkpoint {ptuning_checkpoint!r}.")
-    prefix = {k.split("prefix_encoder.", 1)[1]: v for k, v in weights.items() if "prefix_encoder." in k}
+    prefix = {k.split("prefix_encoder.", 1)[1]: v for k, v in _read_weights(files[0]) if "prefix_encoder." in k}
     if not prefix:
         raise CheckpointError(f"{ptuning_checkpoint!r} holds no prefix_encoder weights.")
     model.transformer.prefix_encoder.load_state_dict(prefix)
@@ -314,7 +305,6 @@ def save_checkpoint(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTo
     loads with `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` as well as with this repo."""
     os.makedirs(out_dir, exist_ok=True)
     model.config.auto_map = AUTO_MAP
-    model.config.architectures = ["ChatGLMModel"]
     model.save_pretrained(out_dir)
     tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
     tokenizer.save_pretrained(out_dir)
