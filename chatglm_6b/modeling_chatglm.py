@@ -429,7 +429,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state.transpose(0, 1)  # [B, L, H]
         if logits_to_keep:  # generate() only needs the last position: skip the vocabulary projection elsewhere
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)  # [B, L, vocab]
+        batch, length, hidden = hidden_states.shape
+        # Projected as a 2-D matrix: from a strided 3-D input torch's CPU matmul takes a batched path that
+        # copies the [vocab, H] weight once per batch row (1 GB each for 6B in bf16).
+        logits = self.lm_head(hidden_states.reshape(batch * length, hidden)).view(batch, length, -1)  # [B, L, vocab]
 
         loss = None
         if labels is not None:

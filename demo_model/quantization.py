@@ -54,11 +54,17 @@ def quantize_weight(weight: torch.Tensor, bits: int):
     """float [out, in] -> (int8 [out, in * bits // 8], fp16 scale [out]), exactly the original format."""
     assert bits in (4, 8), "only 4-bit or 8-bit quantization is supported"
     qmax = 2 ** (bits - 1) - 1
-    scale = (weight.abs().amax(dim=-1) / qmax).half()
-    # same arithmetic as the original (w / fp16 scale, promoted to w's dtype); all-zero rows -> q = 0
-    div = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(weight / div[:, None]).clamp_(-qmax - 1, qmax).to(torch.int8)
-    return (pack_int4(q) if bits == 4 else q), scale
+    packed = torch.empty(weight.shape[0], weight.shape[1] * bits // 8, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.half, device=weight.device)
+    step = max(1, (4 << 20) // max(1, 4 * weight.shape[1]))  # a few MB of rows: the float temporaries stay small
+    for n0 in range(0, weight.shape[0], step):
+        rows = weight[n0:n0 + step]
+        scale[n0:n0 + step] = rows_scale = (rows.abs().amax(dim=-1) / qmax).half()
+        # the original's arithmetic (w / fp16 scale, promoted to w's dtype); all-zero rows give q = 0
+        div = torch.where(rows_scale == 0, torch.ones_like(rows_scale), rows_scale)
+        q = torch.round(rows / div[:, None]).clamp_(-qmax - 1, qmax).to(torch.int8)
+        packed[n0:n0 + step] = pack_int4(q) if bits == 4 else q
+    return packed, scale
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype=torch.float32):
