@@ -24,39 +24,55 @@ sys.path.insert(0, ROOT)
 
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration  # noqa: E402
-from chatglm_6b.quantization import QuantizedLinear  # noqa: E402
+from chatglm_6b.quantization import QuantizedLinear, quantize_weight  # noqa: E402
 from utils import load_model_and_tokenizer  # noqa: E402
+from bench_matmul import read_bandwidth  # noqa: E402  (this folder is on sys.path when run as a script)
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LINEARS = (("attention", "query_key_value"), ("attention", "dense"), ("mlp", "dense_h_to_4h"), ("mlp", "dense_4h_to_h"))
 
 
 def random_6b(dtype_name: str) -> ChatGLMForConditionalGeneration:
-    """ChatGLM-6B's shapes with random weights, built one layer at a time (quantized as it goes), so the
-    float model never exists in full when an integer dtype is asked for."""
+    """ChatGLM-6B's shapes with random weights. The model is built on the meta device and each tensor is
+    then allocated directly in its final dtype; quantized linears are filled a block of rows at a time,
+    so no float copy of the model (nor of one linear) exists when an integer dtype is asked for."""
     bits = {"int8": 8, "int4": 4}.get(dtype_name)
     dtype = torch.bfloat16 if bits else FLOAT_DTYPES[dtype_name]
-    config = ChatGLMConfig()
     with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(config)
-    model.transformer.word_embeddings.to_empty(device="cpu").to(dtype).weight.data.normal_(0, 0.02)
+        model = ChatGLMForConditionalGeneration(ChatGLMConfig())
+
+    def materialize(module, name, std=None):
+        meta = getattr(module, name)
+        tensor = torch.empty(meta.shape, dtype=dtype)
+        if std is None:  # layer norms: weight 1, bias 0
+            tensor.fill_(1.0 if name == "weight" else 0.0)
+        else:
+            tensor.normal_(0, std)
+        setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))
+
+    materialize(model.transformer.word_embeddings, "weight", std=0.02)
     model.lm_head.weight = model.transformer.word_embeddings.weight
-    model.transformer.final_layernorm.to_empty(device="cpu").reset_parameters()
+    for norm in [model.transformer.final_layernorm] + [n for layer in model.transformer.layers
+                                                       for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+        materialize(norm, "weight")
+        materialize(norm, "bias")
     for layer in tqdm(model.transformer.layers, desc=f"building 6B {dtype_name}"):
-        layer.to_empty(device="cpu")
-        for module in layer.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.reset_parameters()
-        layer.attention.rotary_emb.inv_freq.copy_(layer.attention.rotary_emb.compute_inv_freq())
+        rotary = layer.attention.rotary_emb
+        rotary.inv_freq = rotary.compute_inv_freq()
         for parent_name, name in LINEARS:
             parent = getattr(layer, parent_name)
-            linear = getattr(parent, name).to(dtype)
-            linear.weight.data.normal_(0, 0.02)
-            linear.bias.data.zero_()
-            setattr(parent, name, QuantizedLinear.from_linear(linear, bits) if bits else linear)
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.to(dtype)
-    model.transformer.final_layernorm.to(dtype)
+            linear = getattr(parent, name)
+            if bits:  # random rows quantized a block at a time, as a checkpoint's would be while loading
+                linear = QuantizedLinear(bits, linear.in_features, linear.out_features, dtype=dtype)
+                linear.bias.zero_()
+                block = torch.empty(1024, linear.in_features, dtype=dtype)
+                for n0 in range(0, linear.out_features, 1024):
+                    q, scale = quantize_weight(block[:linear.out_features - n0].normal_(0, 0.02), bits)
+                    linear.weight[n0:n0 + 1024], linear.weight_scale[n0:n0 + 1024] = q, scale
+                setattr(parent, name, linear)
+            else:
+                materialize(linear, "weight", std=0.02)
+                materialize(linear, "bias", std=0.0)
     return model.eval()
 
 
@@ -91,16 +107,6 @@ def measure(model, prompt_length: int, decode_steps: int):
     return prefill, steady * 1000
 
 
-def bandwidth_gbs() -> float:
-    """Read bandwidth: summing a 1 GiB tensor (far larger than the caches)."""
-    x = torch.ones(1 << 28)
-    x.sum()
-    start = time.perf_counter()
-    for _ in range(3):
-        x.sum()
-    return 3 * x.numel() * 4 / (time.perf_counter() - start) / 1e9
-
-
 def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.model == "demo":
@@ -129,7 +135,7 @@ def main():
         return
 
     torch.set_num_threads(args.threads)
-    bandwidth = bandwidth_gbs()
+    bandwidth = read_bandwidth()
     rows = []
     for dtype in tqdm(args.dtypes.split(","), desc="configurations"):
         if args.model == "6b" and dtype == "fp32":
