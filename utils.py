@@ -116,6 +116,19 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
     return model.eval(), tokenizer
 
 
+def release_freed_memory() -> None:
+    """Hands memory that was freed back to the OS. Quantizing while loading frees many float temporaries
+    between small long-lived tensors; glibc keeps those holes mapped, ~0.2 GB for 6B, unless asked."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import ctypes.util
+
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
+
+
 def _weight_files(path: str):
     """The checkpoint's weight files: a sharded index (safetensors or the original .bin) or one file."""
     if not os.path.isdir(path):
@@ -174,6 +187,7 @@ def load_quantized(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dty
             else:
                 value = tensor.to(dtype) if tensor.is_floating_point() else tensor
                 module._parameters[attr] = torch.nn.Parameter(value.clone(), requires_grad=False)
+        release_freed_memory()
     if tied:
         model.lm_head.weight = model.transformer.word_embeddings.weight
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -257,13 +271,20 @@ def load_finetuned(checkpoint: Optional[str] = None, model_path: Optional[str] =
 
 
 def gpu_device_map(num_layers: int, num_gpus: int) -> Dict[str, int]:
-    """Embeddings, final norm and lm_head on GPU 0 (they count as about two layers), the layers spread
-    evenly over the GPUs after that, as the original's multi-GPU loader placed them."""
+    """The original's multi-GPU placement: embeddings, final norm and lm_head on GPU 0, counted as two
+    layers; then the layers in order, each GPU filled up to (num_layers + 2) / num_gpus before the next."""
     per_gpu = (num_layers + 2) / num_gpus
     device_map = {"transformer.word_embeddings": 0, "transformer.final_layernorm": 0, "lm_head": 0}
+    gpu, used = 0, 2
     for i in range(num_layers):
-        device_map[f"transformer.layers.{i}"] = min(int((i + 2) // per_gpu), num_gpus - 1)
+        if used >= per_gpu:
+            gpu, used = gpu + 1, 0
+        device_map[f"transformer.layers.{i}"] = gpu
+        used += 1
     return device_map
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -275,6 +296,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="weight-only INT4 or INT8")
     group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                        help="auto picks CUDA, then MPS, then CPU")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="dtype of the unquantized weights and activations (default: fp16 on GPUs, fp32 on "
+                            "CPU; bf16 halves a CPU model's memory)")
     group.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
     group.add_argument("--ptuning-checkpoint", default=None,
                        help="a checkpoint from ptuning/: P-Tuning v2 prefix, LoRA adapter or full fine-tune")
@@ -288,7 +312,8 @@ def load_from_args(args: argparse.Namespace):
     a bad checkpoint exits with one line."""
     try:
         return load_finetuned(args.ptuning_checkpoint, args.model_path, pre_seq_len=args.pre_seq_len,
-                              device=args.device, quantize=args.quantize, num_gpus=args.num_gpus)
+                              device=args.device, dtype=DTYPES.get(args.dtype), quantize=args.quantize,
+                              num_gpus=args.num_gpus)
     except CheckpointError as error:
         sys.exit(f"error: {error}")
 

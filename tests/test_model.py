@@ -11,7 +11,7 @@ from chatglm_6b.configuration_chatglm import ChatGLMConfig
 from chatglm_6b.modeling_chatglm import (ChatGLMForConditionalGeneration, InvalidScoreLogitsProcessor, build_prompt,
                                          process_response)
 from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
-from utils import CheckpointError, load_model_and_tokenizer, save_checkpoint
+from utils import CheckpointError, gpu_device_map, load_model_and_tokenizer, save_checkpoint
 
 # Exact round trip for text that SentencePiece's NFKC normaliser leaves as is (it maps full-width "，" to ",").
 HARD_STRINGS = [
@@ -252,3 +252,14 @@ def test_loader_reports_bad_checkpoints_in_one_line(tiny_dir, tmp_path):
     (incomplete / "ice_text.model").unlink()
     with pytest.raises(CheckpointError, match="no ice_text.model"):
         load_model_and_tokenizer(str(incomplete))
+
+
+@pytest.mark.parametrize("num_gpus,layers_per_gpu", [(1, [28]), (2, [13, 15]), (3, [8, 10, 10]), (4, [6, 8, 8, 6])])
+def test_gpu_device_map_splits_as_the_original(num_gpus, layers_per_gpu):
+    """GPU 0 also holds the embeddings, final norm and lm_head (worth two layers); the counts per GPU are
+    worked out by hand from the original's fill-each-GPU-in-turn rule for ChatGLM-6B's 28 layers."""
+    device_map = gpu_device_map(28, num_gpus)
+    assert [device_map[k] for k in ("transformer.word_embeddings", "transformer.final_layernorm", "lm_head")] == [0, 0, 0]
+    layers = [device_map[f"transformer.layers.{i}"] for i in range(28)]
+    assert layers == sorted(layers) and [layers.count(g) for g in range(num_gpus)] == layers_per_gpu
+    assert len(device_map) == 31

@@ -81,3 +81,35 @@ def test_original_int4_layout_loads(tiny, tiny_dir, tmp_path):
     inputs = tokenizer(["你好"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, quantized(**inputs).logits, atol=2e-2, rtol=2e-2)
+
+
+def test_front_end_options_reach_the_loader():
+    """`--device cpu --dtype bf16 --quantize 8`, as the README's CPU deployment command gives them."""
+    import argparse
+
+    from utils import add_model_args, load_from_args
+
+    args = add_model_args(argparse.ArgumentParser()).parse_args(["--device", "cpu", "--dtype", "bf16", "--quantize", "8"])
+    model, tokenizer = load_from_args(args)
+    qkv = model.transformer.layers[0].attention.query_key_value
+    assert isinstance(qkv, QuantizedLinear) and qkv.weight.dtype == torch.int8 and qkv.weight_scale.dtype == torch.bfloat16
+    assert model.transformer.word_embeddings.weight.dtype == torch.bfloat16
+    response, _ = model.chat(tokenizer, "你好", history=[], do_sample=False)
+    assert response
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_chain_matches_the_cpu_model(fp32_demo, bits):
+    """The original's chain `.quantize(bits).half().cuda()`: on the GPU the reply equals the CPU model's
+    quantized reply, and the logits stay close to it."""
+    model, tokenizer = fp32_demo
+    cpu = ChatGLMForConditionalGeneration.from_pretrained(os.path.join(ROOT, "demo_model"), dtype=torch.float32).quantize(bits)
+    gpu = ChatGLMForConditionalGeneration.from_pretrained(os.path.join(ROOT, "demo_model"), dtype=torch.float32)
+    gpu = gpu.quantize(bits).half().cuda().eval()
+    ids = tokenizer(["你好"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = cpu(input_ids=ids).logits
+        got = gpu(input_ids=ids.cuda()).logits.float().cpu()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert gpu.chat(tokenizer, "你好", history=[], do_sample=False)[0] == HELLO_REPLY
