@@ -25,10 +25,9 @@ sys.path.insert(0, ROOT)
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration  # noqa: E402
 from chatglm_6b.quantization import QuantizedLinear, quantize_weight  # noqa: E402
-from utils import load_model_and_tokenizer  # noqa: E402
+from utils import DTYPES, load_model_and_tokenizer, release_freed_memory  # noqa: E402
 from bench_matmul import read_bandwidth  # noqa: E402  (this folder is on sys.path when run as a script)
 
-FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LINEARS = (("attention", "query_key_value"), ("attention", "dense"), ("mlp", "dense_h_to_4h"), ("mlp", "dense_4h_to_h"))
 
 
@@ -37,7 +36,7 @@ def random_6b(dtype_name: str) -> ChatGLMForConditionalGeneration:
     then allocated directly in its final dtype; quantized linears are filled a block of rows at a time,
     so no float copy of the model (nor of one linear) exists when an integer dtype is asked for."""
     bits = {"int8": 8, "int4": 4}.get(dtype_name)
-    dtype = torch.bfloat16 if bits else FLOAT_DTYPES[dtype_name]
+    dtype = torch.bfloat16 if bits else DTYPES[dtype_name]
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(ChatGLMConfig())
 
@@ -70,6 +69,7 @@ def random_6b(dtype_name: str) -> ChatGLMForConditionalGeneration:
                     q, scale = quantize_weight(block[:linear.out_features - n0].normal_(0, 0.02), bits)
                     linear.weight[n0:n0 + 1024], linear.weight_scale[n0:n0 + 1024] = q, scale
                 setattr(parent, name, linear)
+                release_freed_memory()
             else:
                 materialize(linear, "weight", std=0.02)
                 materialize(linear, "bias", std=0.0)
@@ -107,18 +107,27 @@ def measure(model, prompt_length: int, decode_steps: int):
     return prefill, steady * 1000
 
 
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes. On Linux from /proc (VmHWM starts afresh at exec,
+    while getrusage's ru_maxrss carries the parent's peak into a child process)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.model == "demo":
         bits = {"int8": 8, "int4": 4}.get(args.one)
-        model, _ = load_model_and_tokenizer(device="cpu", dtype=FLOAT_DTYPES.get(args.one, torch.float32),
+        model, _ = load_model_and_tokenizer(device="cpu", dtype=DTYPES.get(args.one, torch.float32),
                                             quantize=bits)
     else:
         model = random_6b(args.one)
     prefill, decode_ms = measure(model, args.prompt_length, args.decode_steps)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"dtype": args.one, "weight_bytes": weight_bytes(model), "prefill_tok_s": prefill,
-            "decode_ms": decode_ms, "peak_rss": peak_rss}
+            "decode_ms": decode_ms, "peak_rss": peak_rss()}
 
 
 def main():
