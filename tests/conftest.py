@@ -51,3 +51,24 @@ def tiny_dir(tmp_path_factory):
 def tiny(tiny_dir):
     model = ChatGLMForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     return model, ChatGLMTokenizer.from_pretrained(tiny_dir)
+
+
+def write_sharded_bin(model, tiny_dir, out):
+    """`model` saved in fp16 in the original's layout: two `pytorch_model-0000x-of-00002.bin` shards and their
+    index, beside the tokenizer and config of `tiny_dir`. Returns (the directory, the fp16 state dict)."""
+    import shutil
+
+    os.makedirs(out)
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    shards = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        filename = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+        torch.save({k: state[k] for k in shard}, os.path.join(out, filename))
+        weight_map.update({k: filename for k in shard})
+    with open(os.path.join(out, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    for name in ("config.json", "ice_text.model", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_dir, name), os.path.join(out, name))
+    return out, state

@@ -11,6 +11,7 @@ from chatglm_6b.configuration_chatglm import ChatGLMConfig
 from chatglm_6b.modeling_chatglm import (ChatGLMForConditionalGeneration, InvalidScoreLogitsProcessor, build_prompt,
                                          process_response)
 from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
+from conftest import write_sharded_bin
 from utils import CheckpointError, gpu_device_map, load_model_and_tokenizer, save_checkpoint
 
 # Exact round trip for text that SentencePiece's NFKC normaliser leaves as is (it maps full-width "，" to ",").
@@ -206,19 +207,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
 
 def test_original_sharded_bin_layout_loads(tiny, tiny_dir, tmp_path):
     model, tokenizer = tiny
-    out = tmp_path / "sharded"
-    out.mkdir()
-    state = {k: v.half() for k, v in model.state_dict().items()}
-    names = sorted(state)
-    shards = [names[: len(names) // 2], names[len(names) // 2:]]
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        filename = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
-        torch.save({k: state[k] for k in shard}, out / filename)
-        weight_map.update({k: filename for k in shard})
-    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for name in ("config.json", "ice_text.model", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tiny_dir, name), out / name)
+    out, state = write_sharded_bin(model, tiny_dir, tmp_path / "sharded")
     assert "lm_head.weight" in state and "transformer.layers.0.attention.rotary_emb.inv_freq" in state
     loaded, info = ChatGLMForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32,
                                                                    output_loading_info=True)

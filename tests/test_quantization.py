@@ -7,10 +7,10 @@ import torch
 
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration
 from chatglm_6b.quantization import QuantizedLinear
-from conftest import ROOT
+from conftest import ROOT, write_sharded_bin
 from test_demo_model import HELLO_REPLY
 from tools.train_demo_model import encode_example, load_corpus
-from utils import load_model_and_tokenizer, save_checkpoint
+from utils import _read_weights, load_model_and_tokenizer, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,28 @@ def test_cuda_chain_matches_the_cpu_model(fp32_demo, bits):
         got = gpu(input_ids=ids.cuda()).logits.float().cpu()
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
     assert gpu.chat(tokenizer, "你好", history=[], do_sample=False)[0] == HELLO_REPLY
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_while_loading_the_original_bin_layout(tiny, tiny_dir, tmp_path, bits):
+    """Sharded fp16 .bin files, read memory-mapped with each tensor's pages dropped after use, give exactly
+    the model that quantizing the fp16 model after a plain load gives (the loaded one keeps fp32 scales)."""
+    out, _ = write_sharded_bin(tiny[0], tiny_dir, str(tmp_path / "sharded"))
+    expected = ChatGLMForConditionalGeneration.from_pretrained(out, dtype=torch.float16).quantize(bits).state_dict()
+    loaded, _ = load_model_and_tokenizer(out, device="cpu", quantize=bits)
+    state = loaded.state_dict()
+    assert state.keys() == expected.keys()
+    assert state["transformer.layers.0.mlp.dense_4h_to_h.weight"].dtype == torch.int8
+    for name, value in expected.items():
+        assert torch.equal(state[name].float(), value.float()), name
+
+
+def test_weights_read_again_after_their_pages_were_dropped(tiny, tiny_dir, tmp_path):
+    out, state = write_sharded_bin(tiny[0], tiny_dir, str(tmp_path / "sharded"))
+    read = {}
+    for file in sorted(os.listdir(out)):
+        if file.endswith(".bin"):
+            read.update(_read_weights(os.path.join(out, file)))  # every tensor's pages dropped as it goes
+    assert read.keys() == state.keys()
+    for name, value in state.items():
+        assert torch.equal(read[name], value), name
