@@ -1,6 +1,7 @@
 """The one loader of this repository: a checkpoint path or hub id -> (model, tokenizer), on the right
 device and dtype, optionally quantized or with a P-Tuning prefix. Every script goes through here."""
 import argparse
+import functools
 import json
 import logging
 import os
@@ -58,11 +59,10 @@ def _resolve(model_path: str) -> str:
 
 def load_prefix_encoder(model: ChatGLMForConditionalGeneration, ptuning_checkpoint: str) -> None:
     """Loads the P-Tuning prefix encoder weights saved by ptuning/ (the only trained weights there)."""
-    files = [os.path.join(ptuning_checkpoint, name) for name in ("model.safetensors", "pytorch_model.bin")
-             if os.path.isfile(os.path.join(ptuning_checkpoint, name))]
-    if not files:
+    file = _single_weight_file(ptuning_checkpoint)
+    if file is None:
         raise CheckpointError(f"no model.safetensors or pytorch_model.bin in P-Tuning checkpoint {ptuning_checkpoint!r}.")
-    prefix = {k.split("prefix_encoder.", 1)[1]: v for k, v in _read_weights(files[0]) if "prefix_encoder." in k}
+    prefix = {k.split("prefix_encoder.", 1)[1]: v for k, v in _read_weights(file) if "prefix_encoder." in k}
     if not prefix:
         raise CheckpointError(f"{ptuning_checkpoint!r} holds no prefix_encoder weights.")
     model.transformer.prefix_encoder.load_state_dict(prefix)
@@ -116,6 +116,7 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
     return model.eval(), tokenizer
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
     """The C library on Linux (for malloc_trim and madvise), else None."""
     if not sys.platform.startswith("linux"):
@@ -152,6 +153,12 @@ def _drop_mapped_pages(tensor: torch.Tensor) -> None:
     libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
+def _single_weight_file(directory: str) -> Optional[str]:
+    """The directory's one-file weights, model.safetensors before pytorch_model.bin, or None."""
+    return next((os.path.join(directory, name) for name in ("model.safetensors", "pytorch_model.bin")
+                 if os.path.isfile(os.path.join(directory, name))), None)
+
+
 def _weight_files(path: str):
     """The checkpoint's weight files: a sharded index (safetensors or the original .bin) or one file."""
     if not os.path.isdir(path):
@@ -162,9 +169,9 @@ def _weight_files(path: str):
         if os.path.isfile(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
                 return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(path, name)):
-            return [os.path.join(path, name)]
+    single = _single_weight_file(path)
+    if single is not None:
+        return [single]
     raise CheckpointError(f"no model.safetensors or pytorch_model.bin (or their index) in {path!r}.")
 
 
@@ -187,7 +194,7 @@ def load_quantized(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dty
     """Quantize while loading: the model is built with empty INT8/INT4 layers and each float weight is
     quantized as it is read, shard by shard, so peak memory stays near the quantized model's size (the
     original loaded the whole fp16 model first, ~13 GB for 6B)."""
-    from chatglm_6b.quantization import QuantizedLinear, quantize_weight
+    from chatglm_6b.quantization import QuantizedLinear, set_quantized_weight
 
     config.quantization_bit = bits
     with torch.device("meta"):
@@ -207,9 +214,7 @@ def load_quantized(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dty
             if attr in module._buffers:  # rotary inv_freq: kept as stored (fp16-rounded, as the original)
                 module._buffers[attr] = tensor.clone()
             elif isinstance(module, QuantizedLinear) and attr == "weight" and tensor.is_floating_point():
-                qweight, scale = quantize_weight(tensor, bits)
-                module.weight = torch.nn.Parameter(qweight, requires_grad=False)
-                module.weight_scale = torch.nn.Parameter(scale.to(dtype), requires_grad=False)
+                set_quantized_weight(module, tensor, dtype)
             else:
                 value = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)  # one copy, off the file
                 module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
@@ -231,16 +236,15 @@ def load_quantized(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dty
 
 def _weight_names(checkpoint: str):
     """Names of the weights in a single-file checkpoint, read without loading the tensors; [] when sharded."""
-    path = os.path.join(checkpoint, "model.safetensors")
-    if os.path.isfile(path):
+    path = _single_weight_file(checkpoint)
+    if path is None:
+        return []
+    if path.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             return list(f.keys())
-    path = os.path.join(checkpoint, "pytorch_model.bin")
-    if os.path.isfile(path):
-        return list(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
-    return []
+    return list(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
 
 
 def checkpoint_kind(checkpoint: str) -> str:

@@ -67,6 +67,14 @@ def quantize_weight(weight: torch.Tensor, bits: int):
     return packed, scale
 
 
+def set_quantized_weight(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """Quantizes a float `weight` into a QuantizedLinear or QuantizedEmbedding (its `bits`), the scale in `dtype`."""
+    with torch.no_grad():
+        q, scale = quantize_weight(weight.detach(), module.bits)
+    module.weight = nn.Parameter(q, requires_grad=False)
+    module.weight_scale = nn.Parameter(scale.to(dtype), requires_grad=False)
+
+
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype=torch.float32):
     """int8 [out, in * bits // 8], scale [out] -> dtype [out, in]."""
     q = unpack_int4(qweight) if bits == 4 else qweight
@@ -239,10 +247,7 @@ class QuantizedLinear(nn.Module):
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         if not empty_init:
-            with torch.no_grad():
-                q, scale = quantize_weight(w.detach(), bits)
-            self.weight = nn.Parameter(q, requires_grad=False)
-            self.weight_scale = nn.Parameter(scale.to(w.dtype), requires_grad=False)
+            set_quantized_weight(self, w, w.dtype)
         return self
 
     def forward(self, x):
@@ -272,10 +277,7 @@ class QuantizedEmbedding(nn.Module):
         w = emb.weight
         self = cls(bits, emb.num_embeddings, emb.embedding_dim, dtype=w.dtype, device=w.device)
         if not empty_init:
-            with torch.no_grad():
-                q, scale = quantize_weight(w.detach(), bits)
-            self.weight = nn.Parameter(q, requires_grad=False)
-            self.weight_scale = nn.Parameter(scale.to(w.dtype), requires_grad=False)
+            set_quantized_weight(self, w, w.dtype)
         return self
 
     def forward(self, ids):

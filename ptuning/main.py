@@ -33,9 +33,8 @@ sys.path.insert(0, ROOT)
 
 from chatglm_6b.modeling_chatglm import build_prompt  # noqa: E402
 from ptuning.arguments import IGNORED_OPTIONS, DataTrainingArguments, ModelArguments  # noqa: E402
-from utils import load_finetuned  # noqa: E402
 from ptuning.trainer import ChatGLMTrainer  # noqa: E402
-from utils import CheckpointError, load_model_and_tokenizer  # noqa: E402
+from utils import CheckpointError, load_finetuned, load_model_and_tokenizer  # noqa: E402
 
 logger = logging.getLogger("ptuning")
 
@@ -178,8 +177,7 @@ def load_model(model_args: ModelArguments, training_args: Seq2SeqTrainingArgumen
         sys.exit(f"error: {error}")
     if not training_args.do_train:
         return model, tokenizer
-    if model_args.pre_seq_len:
-        model.freeze_all_but_prefix()
+    if model_args.pre_seq_len:  # the loader has frozen everything but the prefix
         model.transformer.prefix_encoder.float()  # the trained part stays fp32 even on an fp16 base
     elif model_args.lora_rank:
         from peft import LoraConfig, get_peft_model

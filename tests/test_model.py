@@ -1,6 +1,4 @@
 """The model core on tiny random checkpoints built by the tests (conftest.tiny)."""
-import json
-import os
 import shutil
 
 import pytest

@@ -175,6 +175,14 @@ def make_limitations(model, tokenizer):
 
 # ---- pictures ----------------------------------------------------------------------------------------------
 
+def save_screenshot(target, name):
+    """A Playwright page or element as resources/<name>."""
+    path = os.path.join(ROOT, "resources", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    target.screenshot(path=path)
+    print(f"wrote {os.path.relpath(path, ROOT)}")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -228,10 +236,7 @@ def make_web_screenshot(browser, model, tokenizer):
         shown = bot.locator("pre code").first.inner_text() if code else bot.inner_text()
         if shown.strip() != (code.group(1) if code else reply).strip():
             raise SystemExit(f"the web page shows {shown!r}, the model says {reply!r}")
-        path = os.path.join(ROOT, "resources", "web_demo.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        page.screenshot(path=path)
-        print(f"wrote {os.path.relpath(path, ROOT)}")
+        save_screenshot(page, "web_demo.png")
         page.close()
     finally:
         server.terminate()
@@ -287,10 +292,7 @@ pre {{ margin: 0; padding: 12px 16px; background: #1e1e1e; color: #e6e6e6;
 def make_cli_screenshot(browser):
     page = browser.new_page(viewport={"width": 1100, "height": 700}, device_scale_factor=1)
     page.set_content(TERMINAL_PAGE.format(text=html.escape("\n".join(cli_session()))))
-    path = os.path.join(ROOT, "resources", "cli_demo.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    page.locator(".window").screenshot(path=path)
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+    save_screenshot(page.locator(".window"), "cli_demo.png")
     page.close()
 
 
