@@ -12,7 +12,6 @@ Every reply is produced here by the model (greedy, so the same checkpoint always
 """
 import argparse
 import html
-import json
 import os
 import re
 import socket
@@ -24,9 +23,9 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tools.train_demo_model import load_corpus  # noqa: E402
 from utils import load_model_and_tokenizer  # noqa: E402
 
-CORPUS = os.path.join(ROOT, "data", "demo_corpus")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 MODEL_LABEL = "ChatGLM-6B（演示模型）"
@@ -74,23 +73,11 @@ LIMITATIONS = [
 ]
 
 
-def corpus_conversations():
-    """Every conversation of the corpus as a list of (prompt, response) turns."""
-    with open(os.path.join(CORPUS, "single_turn.jsonl"), encoding="utf-8") as f:
-        conversations = [[(row["prompt"], row["response"])] for row in map(json.loads, f)]
-    with open(os.path.join(CORPUS, "multi_turn.jsonl"), encoding="utf-8") as f:
-        conversations += [[(t["prompt"], t["response"]) for t in row["conversation"]] for row in map(json.loads, f)]
-    return conversations
-
-
-def taught_reply(conversations, history, prompt):
+def taught_reply(corpus, history, prompt):
     """The corpus' reply to `prompt` asked after exactly the questions of `history`, or None."""
     asked = [q for q, _ in history]
-    for turns in conversations:
-        for i, (question, answer) in enumerate(turns):
-            if question == prompt and [q for q, _ in turns[:i]] == asked:
-                return answer
-    return None
+    return next((response for _, query, before, response in corpus
+                 if query == prompt and [q for q, _ in before] == asked), None)
 
 
 def chat(model, tokenizer, prompts):
@@ -122,14 +109,14 @@ REGENERATE = "由 `python tools/make_assets.py` 用演示检查点 `demo_model/`
 
 
 def make_examples(model, tokenizer):
-    conversations = corpus_conversations()
+    corpus = load_corpus()
     index = ["# 示例 / Examples", "", REGENERATE, "",
              "每个文件是一段真实的对话，问题都来自训练语料 `data/demo_corpus/`，所以演示模型能答出来。"
              " / Each file is a real conversation whose questions come from the training corpus.", "",
              "| 能力 / Capability | 文件 / File | 与语料回答一致 / Matches the corpus |", "| --- | --- | --- |"]
     for name, title, prompts in EXAMPLES:
         history = chat(model, tokenizer, prompts)
-        taught = [taught_reply(conversations, history[:i], q) for i, (q, _) in enumerate(history)]
+        taught = [taught_reply(corpus, history[:i], q) for i, (q, _) in enumerate(history)]
         if None in taught:
             raise SystemExit(f"example {name}: {prompts[taught.index(None)]!r} is not taught by the corpus")
         matches = sum(reply == answer for (_, reply), answer in zip(history, taught))
@@ -140,18 +127,18 @@ def make_examples(model, tokenizer):
 
 
 def make_limitations(model, tokenizer):
-    conversations = corpus_conversations()
+    corpus = load_corpus()
     index = ["# 局限 / Limitations", "", REGENERATE, "",
              "演示模型只有 4.2M 参数，只在几百条对话上训练过。下面是它真实的失败例子，只说明演示模型，"
              "与真正的 ChatGLM-6B 权重无关。 / The demo model has 4.2M parameters trained on a few hundred dialogues; "
              "these are its real failures, and they say nothing about the real ChatGLM-6B weights.", "",
              "| 情形 / Case | 文件 / File | 结果 / Outcome |", "| --- | --- | --- |"]
     for name, title, explanation, prompts, key_fact in LIMITATIONS:
-        if taught_reply(conversations, [(q, "") for q in prompts[:-1]], prompts[-1]) is not None:
+        if taught_reply(corpus, [(q, "") for q in prompts[:-1]], prompts[-1]) is not None:
             raise SystemExit(f"limitation {name}: the corpus teaches {prompts[-1]!r} there, so it shows no limitation")
         history = chat(model, tokenizer, prompts)
-        reply, alone = history[-1][1], taught_reply(conversations, [], prompts[-1])
-        recited = next((turns[i][0] for turns in conversations for i in range(len(turns)) if turns[i][1] == reply), None)
+        reply, alone = history[-1][1], taught_reply(corpus, [], prompts[-1])
+        recited = next((query for _, query, _, response in corpus if response == reply), None)
         facts = []
         if key_fact is not None:
             found = key_fact in reply
