@@ -18,15 +18,16 @@ import time
 
 import torch
 from tqdm import tqdm
+from transformers.generation.streamers import BaseStreamer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
-from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration  # noqa: E402
+from chatglm_6b.modeling_chatglm import CACHE_FIELD, ChatGLMForConditionalGeneration  # noqa: E402
 from chatglm_6b.quantization import QuantizedLinear, quantize_weight  # noqa: E402
 from utils import DTYPES, load_model_and_tokenizer, release_freed_memory  # noqa: E402
-from bench_matmul import read_bandwidth  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_matmul import machine_summary, read_bandwidth  # noqa: E402  (this folder is on sys.path when run as a script)
 
 LINEARS = (("attention", "query_key_value"), ("attention", "dense"), ("mlp", "dense_h_to_4h"), ("mlp", "dense_4h_to_h"))
 
@@ -85,26 +86,52 @@ def weight_bytes(model) -> int:
     return total
 
 
+class TokenTimes(BaseStreamer):
+    """A generate() streamer that notes when each new token arrives (generate() first puts the prompt)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def median_step_ms(times) -> float:
+    steps = sorted(b - a for a, b in zip(times[1:], times[2:]))  # past the first decoding step
+    return steps[len(steps) // 2] * 1000
+
+
 @torch.inference_mode()
-def measure(model, prompt_length: int, decode_steps: int):
+def measure(model, prompt_length: int, decode_steps: int) -> dict:
+    """Prefill and decode speed through the forward loop (the model alone) and through generate() (what
+    chat() and stream_chat() run), on the same prompt and the same number of new tokens."""
     vocab = model.config.vocab_size
     prompt = torch.randint(10, min(vocab, 20000), (1, prompt_length))
     prompt[0, -2:] = torch.tensor([model.config.gmask_token_id, model.config.bos_token_id])
     model(input_ids=prompt[:, :8], use_cache=True)  # warm-up (kernel compile/load, allocator)
+
     start = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     prefill = prompt_length / (time.perf_counter() - start)
-    cache, sequence = out.past_key_values, prompt
-    times = []
+    cache = getattr(out, CACHE_FIELD)
+    position_ids, step = model.glm_generation_positions(prompt)
+    position_ids = position_ids[..., -1:]
+    times = [time.perf_counter()]
     for _ in range(decode_steps):
         token = out.logits[:, -1:].argmax(-1)
-        sequence = torch.cat([sequence, token], dim=1)
-        position_ids = model.get_position_ids(sequence)[..., -1:]
-        start = time.perf_counter()
-        out = model(input_ids=token, position_ids=position_ids, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - start)
-    steady = sorted(times[1:])[len(times[1:]) // 2]  # median, past the first step
-    return prefill, steady * 1000
+        position_ids = position_ids + step
+        out = model(input_ids=token, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        times.append(time.perf_counter())
+
+    streamer = TokenTimes()
+    start = time.perf_counter()
+    model.generate(prompt, do_sample=False, max_new_tokens=decode_steps + 1, min_new_tokens=decode_steps + 1,
+                   streamer=streamer)
+    return {"prefill_tok_s": prefill, "forward_ms": median_step_ms(times),
+            "generate_ttft_s": streamer.times[1] - start, "generate_ms": median_step_ms(streamer.times[1:])}
 
 
 def peak_rss() -> int:
@@ -125,9 +152,8 @@ def run_one(args) -> dict:
                                             quantize=bits)
     else:
         model = random_6b(args.one)
-    prefill, decode_ms = measure(model, args.prompt_length, args.decode_steps)
-    return {"dtype": args.one, "weight_bytes": weight_bytes(model), "prefill_tok_s": prefill,
-            "decode_ms": decode_ms, "peak_rss": peak_rss()}
+    return {"dtype": args.one, "weight_bytes": weight_bytes(model), "peak_rss": peak_rss(),
+            **measure(model, args.prompt_length, args.decode_steps)}
 
 
 def main():
@@ -158,16 +184,21 @@ def main():
             continue
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    print(f"\n{args.model} model, {args.threads} threads, measured read bandwidth {bandwidth:.1f} GB/s")
-    baseline = next((r["decode_ms"] for r in rows if r["dtype"] in ("fp32", "bf16")), None)
-    print(f"{'dtype':<6} {'weights GB':>10} {'peak RSS GB':>11} {'prefill tok/s':>13} {'decode ms/tok':>13} "
-          f"{'roofline ms':>11} {'x roofline':>10} {'speed vs ' + ('fp32' if rows and rows[0]['dtype'] == 'fp32' else 'bf16'):>13}")
+    print(f"\n{args.model} model, {args.threads} threads, prompt {args.prompt_length} tokens, "
+          f"{args.decode_steps} decoding steps, measured read bandwidth {bandwidth:.1f} GB/s")
+    print(machine_summary())
+    baseline = next((r for r in rows if r["dtype"] in ("fp32", "bf16")), None)
+    print("decode ms/tok: median step of generate() (what chat()/stream_chat() run) and of a bare forward loop")
+    print(f"{'dtype':<6} {'weights GB':>10} {'peak RSS GB':>11} {'prefill tok/s':>13} {'generate':>9} "
+          f"{'forward':>8} {'gen/fwd':>7} {'roofline ms':>11} {'x roofline':>10} "
+          f"{'speed vs ' + (baseline['dtype'] if baseline else '-'):>13}")
     for r in rows:
         roofline = r["weight_bytes"] / (bandwidth * 1e9) * 1000
-        speed = f"{baseline / r['decode_ms']:.2f}x" if baseline else "-"
-        print(f"{r['dtype']:<6} {r['weight_bytes'] / 1e9:>10.3f} {r['peak_rss'] / 1e9:>11.2f} {r['prefill_tok_s']:>13.1f} "
-              f"{r['decode_ms']:>13.2f} {roofline:>11.2f} {r['decode_ms'] / roofline:>10.2f} {speed:>13}")
-
+        speed = f"{baseline['generate_ms'] / r['generate_ms']:.2f}x" if baseline else "-"
+        print(f"{r['dtype']:<6} {r['weight_bytes'] / 1e9:>10.3f} {r['peak_rss'] / 1e9:>11.2f} "
+              f"{r['prefill_tok_s']:>13.1f} {r['generate_ms']:>9.2f} {r['forward_ms']:>8.2f} "
+              f"{r['generate_ms'] / r['forward_ms']:>7.3f} {roofline:>11.2f} {r['generate_ms'] / roofline:>10.2f} "
+              f"{speed:>13}")
 
 if __name__ == "__main__":
     main()

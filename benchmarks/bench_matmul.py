@@ -36,6 +36,29 @@ def read_bandwidth(mb=1024, reps=5):
     return best
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
+              "amx_int8", "asimd", "sve")
+
+
+def machine_summary() -> str:
+    """CPU model, the SIMD features that matter for these kernels, and the load average (a busy second
+    core slows OpenMP kernels several times): printed with every table."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    simd = " ".join(flag for flag in SIMD_FLAGS if flag in flags) or "none of " + ",".join(SIMD_FLAGS)
+    return f"CPU: {model}, {os.cpu_count()} logical cores; SIMD: {simd}; load average: {load}"
+
+
 def pool(make, nbytes, args):
     """Enough copies of one weight (tuple of tensors) that their total size exceeds the working set."""
     base = make()
@@ -91,6 +114,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    print(machine_summary())
     t = time.perf_counter()
     assert Q._load_cpu_kernels(), "CPU kernel did not compile"
     print(f"kernel load/compile: {time.perf_counter() - t:.1f} s, threads: {torch.get_num_threads()}, "

@@ -30,6 +30,18 @@ from .tokenization_chatglm import glm_attention_mask, glm_position_ids
 # Added to masked attention scores: finite, so that fully padded rows stay finite (an -inf row gives NaN).
 MASK_FILL_VALUE = -10000.0
 
+# transformers 5 renamed the KV cache from `past_key_values` to `cache` (in generate() and in its output
+# classes) part-way through the 5.x releases. The model takes both names and returns the installed
+# release's, which is the name generate() reads back from the outputs.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def one_cache(cache: Optional[Cache], past_key_values: Optional[Cache]) -> Optional[Cache]:
+    """The cache passed under either name (the original's code and older transformers say past_key_values)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
+
 
 def build_prompt(query: str, history: Optional[List[Tuple[str, str]]] = None) -> str:
     """The multi-turn prompt of the original: the bare query without history, else `[Round i]` turns."""
@@ -66,14 +78,14 @@ def stable_prefix(response: str, stops: Sequence[str] = ()) -> str:
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """Replaces NaN/inf scores (fp16 overflow) by a distribution that picks token 5, as the original.
+    """Replaces NaN/inf scores (fp16 overflow) by a distribution that picks token 5, as the original:
+    any invalid score in the batch replaces every row. Decided on the device (no host sync per token).
     Runs before transformers' temperature/top-p warpers, which add their own -inf later."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if torch.isnan(scores).any() or torch.isinf(scores).any():
-            scores.zero_()
-            scores[..., 5] = 5e4
-        return scores
+        replacement = torch.zeros_like(scores)
+        replacement[..., 5] = 5e4
+        return torch.where(torch.isfinite(scores).all(), scores, replacement)
 
 
 class PrefixEmbedding(nn.Embedding):
@@ -139,7 +151,7 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
-                past_key_values: Optional[Cache] = None, output_attentions: bool = False):
+                cache: Optional[Cache] = None, output_attentions: bool = False):
         # hidden_states [B, L, H]; position_ids [B, 2, L] (or [B, L] for the 1-D variant)
         # attention_bias [B or 1, 1, L, prefix + past + L] additive, or None
         B, L, _ = hidden_states.shape
@@ -160,8 +172,8 @@ class SelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nh, L, hd]
         if prefix_key is not None:
             k, v = torch.cat([prefix_key, k], dim=2), torch.cat([prefix_value, v], dim=2)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_id)  # [B, nh, past + L, hd]
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_id)  # [B, nh, past + L, hd]
 
         if output_attentions:
             scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
@@ -188,9 +200,6 @@ class GLU(nn.Module):
 
 
 class GLMBlock(GradientCheckpointingLayer):
-    # The prefix enters as plain tensors, so re-running the block under checkpointing is side-effect free.
-    _can_checkpoint_with_cache = False
-
     def __init__(self, config: ChatGLMConfig, layer_id: int):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
@@ -202,12 +211,11 @@ class GLMBlock(GradientCheckpointingLayer):
         self.alpha = (2 * 28) ** 0.5
 
     def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
-                past_key_values: Optional[Cache] = None, output_attentions: bool = False):
+                cache: Optional[Cache] = None, output_attentions: bool = False):
         # GLM's residual adds the *normalised* input, scaled by alpha.
         attention_input = self.input_layernorm(hidden_states)
         attention_output, probs = self.attention(attention_input, position_ids, attention_bias, prefix_key,
-                                                 prefix_value, past_key_values=past_key_values,
-                                                 output_attentions=output_attentions)
+                                                 prefix_value, cache=cache, output_attentions=output_attentions)
         hidden_states = attention_input * self.alpha + attention_output
         mlp_input = self.post_attention_layernorm(hidden_states)
         return mlp_input * self.alpha + self.mlp(mlp_input), probs
@@ -228,6 +236,11 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         if model.config.pre_seq_len is not None:
             model.freeze_all_but_prefix()
         return result
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # peft still asks under this name, which newer transformers answer with a FutureWarning.
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
 
     def freeze_all_but_prefix(self):
         for name, param in self.named_parameters():
@@ -301,9 +314,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         prefix = self.dropout(prefix).permute(2, 0, 3, 1, 4)  # [2 * layers, B, nh, pre, hd]
         return prefix[0::2], prefix[1::2]
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache=None,
                 inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
+                return_dict=None, past_key_values=None, **kwargs):
+        cache = one_cache(cache, past_key_values)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
@@ -317,9 +331,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             inputs_embeds = self.word_embeddings(input_ids)
         B, L, _ = inputs_embeds.shape
 
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         # Masks and positions are derived from the prompt on the first step only, as in the original;
         # later steps get them from generate() or attend to everything.
@@ -340,7 +354,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if self.pre_seq_len is not None and past_length == 0:
             prefix_keys, prefix_values = self.get_prompt(B, inputs_embeds.dtype)
         attention_bias = None
-        if attention_mask is not None and attention_mask.any():
+        if attention_mask is not None:  # built even when nothing is blocked: testing would be a host sync
             num_keys = past_length + L + (self.pre_seq_len if prefix_keys is not None else 0)
             if attention_mask.shape[-1] < num_keys:  # the P-Tuning prefix, always visible
                 attention_mask = F.pad(attention_mask, (num_keys - attention_mask.shape[-1], 0), value=False)
@@ -357,7 +371,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 hidden_states, position_ids, attention_bias,
                 prefix_keys[i] if prefix_keys is not None else None,
                 prefix_values[i] if prefix_values is not None else None,
-                past_key_values=past_key_values if use_cache else None, output_attentions=output_attentions)
+                cache=cache if use_cache else None, output_attentions=output_attentions)
             if output_attentions:
                 all_attentions += (probs,)
         hidden_states = self.final_layernorm(hidden_states)
@@ -365,11 +379,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             all_hidden_states += (hidden_states.transpose(0, 1),)
 
         last_hidden_state = hidden_states.transpose(0, 1)  # [L, B, H], the original's layout
-        cache = past_key_values if use_cache else None
+        cache = cache if use_cache else None
         if not return_dict:
             return tuple(v for v in (last_hidden_state, cache, all_hidden_states, all_attentions) if v is not None)
-        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, past_key_values=cache,
-                                       hidden_states=all_hidden_states, attentions=all_attentions)
+        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, hidden_states=all_hidden_states,
+                                       attentions=all_attentions, **{CACHE_FIELD: cache})
 
 
 class _TokenQueue(BaseStreamer):
@@ -418,12 +432,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, logits_to_keep: int = 0, **kwargs):
+                return_dict=None, logits_to_keep: int = 0, past_key_values=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                   cache=one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
                                    output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                                    return_dict=True)
         hidden_states = outputs.last_hidden_state.transpose(0, 1)  # [B, L, H]
@@ -441,39 +455,62 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                                    ignore_index=-100).to(hidden_states.dtype)
 
+        cache = getattr(outputs, CACHE_FIELD)
         if not return_dict:
-            output = (logits, outputs.past_key_values, outputs.hidden_states, outputs.attentions)
-            output = tuple(v for v in output if v is not None)
+            output = tuple(v for v in (logits, cache, outputs.hidden_states, outputs.attentions) if v is not None)
             return (loss,) + output if loss is not None else output
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions, **{CACHE_FIELD: cache})
 
     # ---- generation hooks -------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         """transformers' generate() with GLM inputs. transformers only carries 2-D padding masks, so the
-        tokenizer's GLM mask [B, 1, L, L] is reduced to its padding (the fully blocked rows); the GLM mask
-        and positions are rebuilt from the tokens at every step, exactly as the tokenizer builds them."""
+        tokenizer's GLM mask [B, 1, L, L] is reduced to its padding (the fully blocked rows); the model
+        rebuilds the GLM mask from the tokens at the prefill. The GLM positions of the prompt and the step
+        that every generated token adds to them are worked out here once, so that each decoding step
+        costs the same whatever the length (the original rescanned the whole sequence per token)."""
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = (~attention_mask[:, 0].all(dim=-1)).long()
+        if input_ids is not None and "glm_position_ids" not in kwargs:
+            kwargs.update(zip(("glm_position_ids", "glm_position_step"),
+                              self.glm_generation_positions(input_ids, attention_mask)))
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        return None  # derived from the tokens in prepare_inputs_for_generation, not transformers' arange
+    def glm_generation_positions(self, input_ids: torch.LongTensor, padding_mask: Optional[torch.Tensor] = None):
+        """(positions of the prompt [B, 2, L], what each generated token adds to the last one [B, 2, 1]).
+        The step is read off the rules themselves: the positions of the prompt plus one more token."""
+        extended = F.pad(input_ids, (0, 1), value=self.config.pad_token_id)
+        if padding_mask is not None:
+            padding_mask = F.pad(padding_mask, (0, 1), value=1)
+        positions = self.get_position_ids(extended, padding_mask)
+        return positions[..., :-1], positions[..., -1:] - positions[..., -2:-1]
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True,
-                                      **kwargs):
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        return None  # GLM positions travel as glm_position_ids, not as transformers' 1-D arange
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("glm_position_ids") is not None:  # the next token's positions [B, 2, 1]
+            model_kwargs["glm_position_ids"] = model_kwargs["glm_position_ids"][..., -1:] + model_kwargs["glm_position_step"]
+        return model_kwargs
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
+                                      use_cache=True, glm_position_ids=None, glm_position_step=None, **kwargs):
         # attention_mask here is transformers' [B, L] padding mask (1 = token, 0 = left padding) or None.
-        inputs = {"past_key_values": past_key_values, "use_cache": use_cache, "attention_mask": attention_mask}
+        cache = one_cache(cache, past_key_values)
+        inputs = {CACHE_FIELD: cache, "use_cache": use_cache, "attention_mask": attention_mask}
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_length == 0:  # prefill: the model builds the GLM mask and positions itself
-            inputs.update(input_ids=input_ids, position_ids=None)
-        else:  # decoding: only the newest token, at the position the whole sequence gives it
-            inputs.update(input_ids=input_ids[:, -1:],
-                          position_ids=self.get_position_ids(input_ids, attention_mask)[..., -1:])
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if past_length == 0:  # prefill (every step without a cache): the model builds the GLM mask itself
+            whole = glm_position_ids is not None and glm_position_ids.shape[-1] == input_ids.shape[-1]
+            inputs.update(input_ids=input_ids, position_ids=glm_position_ids if whole else None)
+        else:  # decoding: only the newest token, at the position kept since the prefill
+            if glm_position_ids is None:
+                glm_position_ids = self.get_position_ids(input_ids, attention_mask)
+            inputs.update(input_ids=input_ids[:, -1:], position_ids=glm_position_ids[..., -1:])
         return inputs
 
     # ---- chat -------------------------------------------------------------------------------------
