@@ -1,6 +1,6 @@
 """HTTP API for ChatGLM-6B: the original `POST /` endpoint and an OpenAI-compatible `/v1` API.
 
-    python api.py [--host 127.0.0.1] [--port 8000] [--api-key KEY] [model options, see utils.py]
+    python api.py [--host 127.0.0.1] [--port 8000] [--api-key KEY] [model options, see runtime/options.py]
 
 Original endpoint (as in ChatGLM-6B):
     curl -X POST "http://127.0.0.1:8000" -H 'Content-Type: application/json' -d '{"prompt": "你好", "history": []}'
@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import secrets
-import sys
 import threading
 import time
 import uuid
@@ -33,22 +32,20 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Annotated, AsyncIterator, Callable, Iterator, List, Literal, Optional, Tuple, Union
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any directory
+import torch
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
-import torch  # noqa: E402
-import uvicorn  # noqa: E402
-from fastapi import Depends, FastAPI, Request  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer  # noqa: E402
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field  # noqa: E402
-from starlette.exceptions import HTTPException  # noqa: E402
-
-from chatglm_6b.modeling_chatglm import build_prompt, stable_prefix  # noqa: E402
-from utils import add_model_args, load_from_args  # noqa: E402
+from chatglm_6b.modeling_chatglm import build_prompt
+from runtime.generation import first_stop, stable_prefix
+from runtime.options import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args
 
 MODEL_ID = "chatglm-6b"
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.95, 0.7
 logger = logging.getLogger("api")
 
 
@@ -89,7 +86,7 @@ class ChatRequest(RequestBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "你好", "history": []}]})
     prompt: Text = Field(min_length=1)
     history: List[Pair] = Field(default_factory=list, description="earlier [prompt, response] pairs")
-    max_length: int = Field(2048, ge=1, description="prompt plus response tokens, capped at the model's context")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=1, description="prompt plus response tokens, capped at the model's context")
     top_p: float = Field(DEFAULT_TOP_P, gt=0, le=1)
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, description="0 means greedy decoding")
 
@@ -242,18 +239,13 @@ def sampling(temperature: float, top_p: float) -> dict:
     return {"do_sample": temperature >= GREEDY_BELOW_TEMPERATURE, "temperature": temperature, "top_p": top_p}
 
 
-def first_stop(text: str, stops: List[str]) -> Optional[int]:
-    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
-    return min(found) if found else None
-
-
 def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
 class ChatService:
-    """Runs every tokenization and generation in one worker thread: one request at a time (the model is
-    not thread-safe), while the event loop keeps serving."""
+    """Serves one request at a time: each request's tokenization and generation are queued on a single
+    worker (the model is not thread-safe), while the event loop keeps accepting and answering."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer

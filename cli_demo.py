@@ -7,7 +7,6 @@
 Type `clear` to forget the conversation, `stop` (or Ctrl-D) to quit; Ctrl-C stops the current reply.
 """
 import argparse
-import os
 import signal
 import sys
 
@@ -19,12 +18,10 @@ if __name__ == "__main__":
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import torch  # noqa: E402
 
-from chatglm_6b.modeling_chatglm import stable_prefix  # noqa: E402
-from utils import add_model_args, load_from_args  # noqa: E402
+from runtime.generation import stable_prefix  # noqa: E402
+from runtime.options import add_model_args, add_sampling_args, load_from_args  # noqa: E402
 
 WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
 PROMPT = "\n用户："
@@ -64,10 +61,7 @@ def reply(model, tokenizer, query, history, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--max-length", type=int, default=2048, help="prompt + reply tokens at most")
-    parser.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling: keep this probability mass")
-    parser.add_argument("--temperature", type=float, default=0.95, help="sampling temperature")
-    parser.add_argument("--greedy", action="store_true", help="no sampling: the same input gives the same reply")
+    add_sampling_args(parser)
     args = parser.parse_args()
 
     model, tokenizer = load_from_args(args)

@@ -5,15 +5,11 @@
     python web_demo.py --ptuning-checkpoint ptuning/output/.../checkpoint-3000 --pre-seq-len 128
 """
 import argparse
-import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gradio as gr
 
-import gradio as gr  # noqa: E402
-
-from utils import add_model_args, load_from_args  # noqa: E402
+from runtime.options import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args
 
 LATEX_DELIMITERS = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 # Fenced code (possibly still open while a reply streams in) and inline code spans.
@@ -63,9 +59,9 @@ def build_demo(model, tokenizer, greedy: bool = False) -> gr.Blocks:
                     stop = gr.Button("Stop")
             with gr.Column(scale=1):
                 clear = gr.Button("Clear History")
-                max_length = gr.Slider(0, 4096, value=2048, step=1, label="Maximum length")
-                top_p = gr.Slider(0, 1, value=0.7, step=0.01, label="Top P")
-                temperature = gr.Slider(0, 1, value=0.95, step=0.01, label="Temperature")
+                max_length = gr.Slider(0, 4096, value=DEFAULT_MAX_LENGTH, step=1, label="Maximum length")
+                top_p = gr.Slider(0, 1, value=DEFAULT_TOP_P, step=0.01, label="Top P")
+                temperature = gr.Slider(0, 1, value=DEFAULT_TEMPERATURE, step=0.01, label="Temperature")
 
         # Empty the textbox at once (no queue), then stream the reply as a separate, cancellable step.
         submitted = gr.on([submit.click, user_input.submit], lambda text: ("", text), user_input, [user_input, query],

@@ -11,7 +11,6 @@ in this machine's 24 GiB and is skipped.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -20,17 +19,14 @@ import torch
 from tqdm import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from benchmarks.common import machine_summary, peak_rss, read_bandwidth  # noqa: E402
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from chatglm_6b.modeling_chatglm import CACHE_FIELD, ChatGLMForConditionalGeneration  # noqa: E402
-from chatglm_6b.quantization import QuantizedLinear, quantize_weight  # noqa: E402
-from utils import DTYPES, load_model_and_tokenizer, release_freed_memory  # noqa: E402
-from bench_matmul import machine_summary, read_bandwidth  # noqa: E402  (this folder is on sys.path when run as a script)
-
-LINEARS = (("attention", "query_key_value"), ("attention", "dense"), ("mlp", "dense_h_to_4h"), ("mlp", "dense_4h_to_h"))
-
+from chatglm_6b.quantization import LAYER_LINEARS, QuantizedLinear, rows_per_block, set_quantized_weight  # noqa: E402
+from runtime.loading import load_model_and_tokenizer, release_freed_memory  # noqa: E402
+from runtime.options import DTYPES  # noqa: E402
 
 def random_6b(dtype_name: str) -> ChatGLMForConditionalGeneration:
     """ChatGLM-6B's shapes with random weights. The model is built on the meta device and each tensor is
@@ -59,16 +55,17 @@ def random_6b(dtype_name: str) -> ChatGLMForConditionalGeneration:
     for layer in tqdm(model.transformer.layers, desc=f"building 6B {dtype_name}"):
         rotary = layer.attention.rotary_emb
         rotary.inv_freq = rotary.compute_inv_freq()
-        for parent_name, name in LINEARS:
+        for parent_name, name in LAYER_LINEARS:
             parent = getattr(layer, parent_name)
             linear = getattr(parent, name)
-            if bits:  # random rows quantized a block at a time, as a checkpoint's would be while loading
+            if bits:  # random rows quantized a block at a time: no float copy of the whole linear exists
                 linear = QuantizedLinear(bits, linear.in_features, linear.out_features, dtype=dtype)
                 linear.bias.zero_()
-                block = torch.empty(1024, linear.in_features, dtype=dtype)
-                for n0 in range(0, linear.out_features, 1024):
-                    q, scale = quantize_weight(block[:linear.out_features - n0].normal_(0, 0.02), bits)
-                    linear.weight[n0:n0 + 1024], linear.weight_scale[n0:n0 + 1024] = q, scale
+                step = rows_per_block(linear.in_features)
+                block = torch.empty(step, linear.in_features, dtype=dtype)
+                for n0 in range(0, linear.out_features, step):
+                    rows = slice(n0, min(n0 + step, linear.out_features))
+                    set_quantized_weight(linear, block[:rows.stop - n0].normal_(0, 0.02), dtype, rows)
                 setattr(parent, name, linear)
                 release_freed_memory()
             else:
@@ -132,16 +129,6 @@ def measure(model, prompt_length: int, decode_steps: int) -> dict:
                    streamer=streamer)
     return {"prefill_tok_s": prefill, "forward_ms": median_step_ms(times),
             "generate_ttft_s": streamer.times[1] - start, "generate_ms": median_step_ms(streamer.times[1:])}
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes. On Linux from /proc (VmHWM starts afresh at exec,
-    while getrusage's ru_maxrss carries the parent's peak into a child process)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def run_one(args) -> dict:

@@ -1,4 +1,4 @@
-"""Loading a real-sized checkpoint: time and peak RSS of `utils.load_model_and_tokenizer` on a ChatGLM-6B-shaped
+"""Loading a real-sized checkpoint: time and peak RSS of `load_model_and_tokenizer` on a ChatGLM-6B-shaped
 fp16 checkpoint written to disk in the original layout (8 `pytorch_model-0000x-of-00008.bin` shards and their
 index, random weights), loaded as it is and quantized while loading to INT8 and INT4.
 
@@ -20,13 +20,13 @@ import time
 import torch
 from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from benchmarks.common import machine_summary, peak_rss  # noqa: E402
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration  # noqa: E402
-from utils import DEMO_MODEL_PATH, DTYPES, load_model_and_tokenizer  # noqa: E402
-from bench_decode import peak_rss  # noqa: E402  (this folder is on sys.path when run as a script)
+from runtime.loading import DEMO_MODEL_PATH, load_model_and_tokenizer  # noqa: E402
+from runtime.options import DTYPES  # noqa: E402
 
 SHARDS = 8
 
@@ -117,6 +117,7 @@ def main():
             shutil.rmtree(path, ignore_errors=True)
 
     print(f"\n6B-shaped fp16 checkpoint, original 8-shard .bin layout: {size / 1e9:.2f} GB on disk")
+    print(machine_summary())
     print(f"{'loaded as':<10} {'seconds':>8} {'peak RSS GB':>11} {'peak / checkpoint':>17}")
     for r in rows:
         print(f"{r['config']:<10} {r['seconds']:>8.1f} {r['peak_rss'] / 1e9:>11.2f} {r['peak_rss'] / size:>17.2f}")

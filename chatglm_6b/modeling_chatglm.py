@@ -6,11 +6,8 @@ The network is computed exactly as the original: per layer, LayerNorm -> self-at
 ([B, L, H]); the base model returns hidden states sequence-first ([L, B, H]) like the original.
 The KV cache is a transformers `Cache` ([B, heads, L, head_dim] per layer).
 """
-import queue
 import re
-import signal
-import threading
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,16 +16,25 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_chatglm import ChatGLMConfig
+from .streaming import stream_generate
 from .tokenization_chatglm import glm_attention_mask, glm_position_ids
 
+# chat() and stream_chat()'s defaults, as the original's; the front-ends take theirs from here.
+DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 2048, 0.7, 0.95
 # Added to masked attention scores: finite, so that fully padded rows stay finite (an -inf row gives NaN).
 MASK_FILL_VALUE = -10000.0
+# The residual scale is sqrt(2 * 28) whatever num_layers is: the original never passed num_layers to its
+# blocks, so every checkpoint made with its code (any depth) was trained with the 6B model's 28.
+ORIGINAL_NUM_LAYERS = 28
+# What the original puts in place of NaN/inf scores (fp16 overflow): a distribution that picks token 5.
+INVALID_SCORE_TOKEN_ID, INVALID_SCORE_LOGIT = 5, 5e4
+# The original's training data wrote this for the date of its training; replies fill it in.
+TRAINING_TIME_PLACEHOLDER, TRAINING_TIME = "[[训练时间]]", "2023年"
 
 # transformers 5 renamed the KV cache from `past_key_values` to `cache` (in generate() and in its output
 # classes) part-way through the 5.x releases. The model takes both names and returns the installed
@@ -57,34 +63,21 @@ _PUNCTUATION = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", 
 def process_response(response: str) -> str:
     """The original's post-processing: strip, fill the training-time placeholder, and use Chinese
     punctuation next to Chinese characters (the tokenizer's NFKC normaliser turns it into ASCII)."""
-    response = response.strip().replace("[[训练时间]]", "2023年")
+    response = response.strip().replace(TRAINING_TIME_PLACEHOLDER, TRAINING_TIME)
     for ascii_mark, chinese_mark in _PUNCTUATION:
         response = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % chinese_mark, response)
         response = re.sub(r"%s([\u4e00-\u9fff])" % ascii_mark, r"%s\1" % chinese_mark, response)
     return response
 
 
-def stable_prefix(response: str, stops: Sequence[str] = ()) -> str:
-    """The part of a growing (post-processed) response that later tokens cannot change, safe to show
-    while streaming: an ASCII mark turns Chinese once a Chinese character follows it, an incomplete
-    character decodes as U+FFFD, and a trailing partial placeholder or stop string may still complete."""
-    end = len(response.rstrip(",!:;?\ufffd"))
-    for pattern in list(stops) + ["[[训练时间]]"]:
-        for k in range(min(len(pattern) - 1, len(response)), 0, -1):
-            if response.endswith(pattern[:k]):
-                end = min(end, len(response) - k)
-                break
-    return response[:end]
-
-
 class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """Replaces NaN/inf scores (fp16 overflow) by a distribution that picks token 5, as the original:
-    any invalid score in the batch replaces every row. Decided on the device (no host sync per token).
-    Runs before transformers' temperature/top-p warpers, which add their own -inf later."""
+    """Replaces NaN/inf scores (fp16 overflow) by a distribution that picks INVALID_SCORE_TOKEN_ID, as the
+    original: any invalid score in the batch replaces every row. Decided on the device (no host sync per
+    token). Runs before transformers' temperature/top-p warpers, which add their own -inf later."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         replacement = torch.zeros_like(scores)
-        replacement[..., 5] = 5e4
+        replacement[..., INVALID_SCORE_TOKEN_ID] = INVALID_SCORE_LOGIT
         return torch.where(torch.isfinite(scores).all(), scores, replacement)
 
 
@@ -188,7 +181,9 @@ class SelfAttention(nn.Module):
         return self.dense(context), probs
 
 
-class GLU(nn.Module):
+class MLP(nn.Module):
+    """h -> inner -> h with GELU (the original calls it GLU, but nothing is gated)."""
+
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
         inner = config.inner_hidden_size or 4 * config.hidden_size
@@ -205,10 +200,8 @@ class GLMBlock(GradientCheckpointingLayer):
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = SelfAttention(config, layer_id)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
-        self.mlp = GLU(config)
-        # sqrt(2 * 28) whatever num_layers is: the original never passes num_layers to its blocks, so
-        # every checkpoint made with its code (any depth) was trained with the 6B model's 28.
-        self.alpha = (2 * 28) ** 0.5
+        self.mlp = MLP(config)
+        self.alpha = (2 * ORIGINAL_NUM_LAYERS) ** 0.5
 
     def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
                 cache: Optional[Cache] = None, output_attentions: bool = False):
@@ -386,31 +379,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                                        attentions=all_attentions, **{CACHE_FIELD: cache})
 
 
-class _TokenQueue(BaseStreamer):
-    """Hands the tokens that generate() produces in a worker thread to the consuming generator."""
-
-    def __init__(self):
-        self.queue = queue.Queue()
-        self.prompt_seen = False
-
-    def put(self, value):
-        if not self.prompt_seen:  # generate() first puts the prompt
-            self.prompt_seen = True
-            return
-        self.queue.put(value)
-
-    def end(self):
-        self.queue.put(None)
-
-
-class _StopOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
     # forward() returns the batch-mean loss and ignores num_items_in_batch: the Trainer must divide
@@ -530,9 +498,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return process_response(tokenizer.decode(output_ids[0, inputs["input_ids"].shape[1]:].tolist()))
 
     @torch.inference_mode()
-    def chat(self, tokenizer, query: str, history: Optional[List[Tuple[str, str]]] = None, max_length: int = 2048,
-             num_beams: int = 1, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,
-             logits_processor=None, **kwargs):
+    def chat(self, tokenizer, query: str, history: Optional[List[Tuple[str, str]]] = None,
+             max_length: int = DEFAULT_MAX_LENGTH, num_beams: int = 1, do_sample: bool = True,
+             top_p: float = DEFAULT_TOP_P, temperature: float = DEFAULT_TEMPERATURE, logits_processor=None, **kwargs):
         history = list(history or [])
         inputs, gen_kwargs = self._chat_inputs(tokenizer, query, history, max_length, num_beams, do_sample, top_p,
                                                temperature, logits_processor, kwargs)
@@ -541,8 +509,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return response, history + [(query, response)]
 
     def stream_chat(self, tokenizer, query: str, history: Optional[List[Tuple[str, str]]] = None,
-                    max_length: int = 2048, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,
-                    logits_processor=None, **kwargs):
+                    max_length: int = DEFAULT_MAX_LENGTH, do_sample: bool = True, top_p: float = DEFAULT_TOP_P,
+                    temperature: float = DEFAULT_TEMPERATURE, logits_processor=None, **kwargs):
         """Yields (response so far, history with it) after every new token; the last yield equals chat()."""
         history = list(history or [])
         inputs, gen_kwargs = self._chat_inputs(tokenizer, query, history, max_length, 1, do_sample, top_p,
@@ -552,35 +520,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             yield response, history + [(query, response)]
 
     def stream_generate(self, input_ids, **kwargs) -> Iterator[torch.LongTensor]:
-        """Runs generate() in a worker thread and yields the sequences [B, L + n] after every new token.
-        Closing the generator (or an exception in the consumer) stops generation at the next token."""
-        token_queue, stop = _TokenQueue(), threading.Event()
-        kwargs["stopping_criteria"] = StoppingCriteriaList(list(kwargs.get("stopping_criteria") or [])
-                                                           + [_StopOnEvent(stop)])
-        failure = []
-
-        def run():
-            if hasattr(signal, "pthread_sigmask"):  # Ctrl-C belongs to the consumer's (main) thread
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                self.generate(input_ids=input_ids, streamer=token_queue, **kwargs)
-            except BaseException as error:  # re-raised in the consumer
-                failure.append(error)
-            finally:
-                token_queue.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        sequences = input_ids
-        try:
-            while (tokens := token_queue.queue.get()) is not None:
-                sequences = torch.cat([sequences, tokens.view(-1, 1).to(sequences.device)], dim=-1)
-                yield sequences
-        finally:
-            stop.set()
-            worker.join()
-        if failure:
-            raise failure[0]
+        """Yields the sequences [B, L + n] after every new token (see streaming.stream_generate)."""
+        return stream_generate(self, input_ids, **kwargs)
 
     def quantize(self, bits: int, empty_init: bool = False, **kwargs):
         """Weight-only INT8/INT4 in the original checkpoint format; returns the model for chaining."""

@@ -50,13 +50,23 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((hi, lo), dim=-1).flatten(-2)
 
 
+# Float weights are quantized and dequantized this many bytes of fp32 rows at a time, so that the
+# transient float copies stay a few MB (in cache) whatever the layer's size.
+TRANSIENT_BYTES = 4 << 20
+
+
+def rows_per_block(row_length: int) -> int:
+    """Rows of `row_length` fp32 values that fit in TRANSIENT_BYTES (at least one)."""
+    return max(1, TRANSIENT_BYTES // max(1, 4 * row_length))
+
+
 def quantize_weight(weight: torch.Tensor, bits: int):
     """float [out, in] -> (int8 [out, in * bits // 8], fp16 scale [out]), exactly the original format."""
     assert bits in (4, 8), "only 4-bit or 8-bit quantization is supported"
     qmax = 2 ** (bits - 1) - 1
     packed = torch.empty(weight.shape[0], weight.shape[1] * bits // 8, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.half, device=weight.device)
-    step = max(1, (4 << 20) // max(1, 4 * weight.shape[1]))  # a few MB of rows: the float temporaries stay small
+    step = rows_per_block(weight.shape[1])
     for n0 in range(0, weight.shape[0], step):
         rows = weight[n0:n0 + step]
         scale[n0:n0 + step] = rows_scale = (rows.abs().amax(dim=-1) / qmax).half()
@@ -67,10 +77,14 @@ def quantize_weight(weight: torch.Tensor, bits: int):
     return packed, scale
 
 
-def set_quantized_weight(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> None:
-    """Quantizes a float `weight` into a QuantizedLinear or QuantizedEmbedding (its `bits`), the scale in `dtype`."""
+def set_quantized_weight(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype, rows: slice = slice(None)) -> None:
+    """Quantizes a float `weight` into a QuantizedLinear or QuantizedEmbedding (its `bits`), the scale in
+    `dtype`: the whole weight, or into the already allocated `rows` of the module's weight."""
     with torch.no_grad():
         q, scale = quantize_weight(weight.detach(), module.bits)
+        if rows != slice(None):
+            module.weight[rows], module.weight_scale[rows] = q, scale.to(dtype)
+            return
     module.weight = nn.Parameter(q, requires_grad=False)
     module.weight_scale = nn.Parameter(scale.to(dtype), requires_grad=False)
 
@@ -152,7 +166,7 @@ def _torch_linear(x, qweight, scale, bias, bits):
         return F.linear(x.to(dtype), dequantize_weight(qweight, scale, bits, dtype), b).to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)                  # [M, K]
     out = torch.empty(x2.shape[0], qweight.shape[0], dtype=dtype)  # [M, N]
-    step = max(1, (4 << 20) // (4 * x2.shape[1]))
+    step = rows_per_block(x2.shape[1])
     for n0 in range(0, qweight.shape[0], step):
         w = dequantize_weight(qweight[n0:n0 + step], scale[n0:n0 + step], bits, dtype)  # [nb, K]
         out[:, n0:n0 + step] = F.linear(x2, w, None if b is None else b[n0:n0 + step])
@@ -202,8 +216,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
             dtype = torch.float32 if g.device.type == "cpu" else g.dtype
             gd = g.to(dtype)
             grad_x = torch.zeros(g.shape[0], qweight.shape[1] * 8 // ctx.bits, dtype=dtype, device=g.device)
-            # dequantize a block of rows at a time so the transient float weight stays small
-            step = max(1, (32 << 20) // (4 * grad_x.shape[1]))
+            step = rows_per_block(grad_x.shape[1])  # the transient float weight stays small
             for n0 in range(0, qweight.shape[0], step):
                 w = _dequantize_rows(qweight[n0:n0 + step], scale[n0:n0 + step], ctx.bits, dtype)
                 grad_x.addmm_(gd[:, n0:n0 + step], w)  # [M, nb] @ [nb, K]
@@ -293,7 +306,7 @@ class QuantizedEmbedding(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Model surgery
 # ------------------------------------------------------------------------------------------------
-_LAYER_LINEARS = (("attention", "query_key_value"), ("attention", "dense"),
+LAYER_LINEARS = (("attention", "query_key_value"), ("attention", "dense"),
                   ("mlp", "dense_h_to_4h"), ("mlp", "dense_4h_to_h"))
 
 
@@ -308,7 +321,7 @@ def quantize(model, bits, empty_init=False, quantize_embeddings=False, **kwargs)
     assert bits in (4, 8), "only 4-bit or 8-bit quantization is supported"
     root = model.transformer if hasattr(model, "transformer") else model
     for layer in root.layers:
-        for parent_name, name in _LAYER_LINEARS:
+        for parent_name, name in LAYER_LINEARS:
             parent = getattr(layer, parent_name)
             linear = getattr(parent, name)
             if isinstance(linear, nn.Linear):

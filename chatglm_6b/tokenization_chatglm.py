@@ -58,6 +58,13 @@ def glm_position_ids(ids: List[int], bos_token_id: int, mask_token_id: int, gmas
     return np.stack([positions, block_positions], axis=0)
 
 
+def glm_training_labels(ids: List[int], bos_token_id: int, ignore_index: int = -100) -> List[int]:
+    """Labels of a training sequence `prompt [gMASK] <sop> answer <eop>`, the layout chat() generates in:
+    the loss covers `<sop> answer <eop>`; the prompt and [gMASK] are seen, not predicted."""
+    context_length = glm_context_length(ids, bos_token_id)
+    return [ignore_index] * context_length + list(ids[context_length:])
+
+
 def encode_whitespace(text: str, max_blank_length: int = MAX_BLANK_LENGTH) -> str:
     """Newlines, tabs and runs of spaces as the pieces the vocabulary has for them."""
     text = text.replace("\n", "<n>").replace("\t", "<|tab|>")

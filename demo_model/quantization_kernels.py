@@ -1,3 +1,4 @@
+# Copy of chatglm_6b/quantization_kernels.py, written by `python tools/copy_model_code.py` (runtime.loading.copy_model_code): edit chatglm_6b/quantization_kernels.py, not this file.
 """C++ source of the CPU kernels used by quantization.py.
 
 The source lives in a Python string (not a .cpp file) because Hugging Face remote code only copies

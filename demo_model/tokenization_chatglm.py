@@ -1,3 +1,4 @@
+# Copy of chatglm_6b/tokenization_chatglm.py, written by `python tools/copy_model_code.py` (runtime.loading.copy_model_code): edit chatglm_6b/tokenization_chatglm.py, not this file.
 """ChatGLM-6B tokenizer: a SentencePiece `ice_text.model` behind a Hugging Face slow tokenizer.
 
 Conventions of the original (THUDM/chatglm-6b), kept because real checkpoints depend on them:
@@ -56,6 +57,13 @@ def glm_position_ids(ids: List[int], bos_token_id: int, mask_token_id: int, gmas
     block_positions = np.concatenate([np.zeros(context_length, dtype=np.int64),
                                       np.arange(1, length - context_length + 1, dtype=np.int64)])
     return np.stack([positions, block_positions], axis=0)
+
+
+def glm_training_labels(ids: List[int], bos_token_id: int, ignore_index: int = -100) -> List[int]:
+    """Labels of a training sequence `prompt [gMASK] <sop> answer <eop>`, the layout chat() generates in:
+    the loss covers `<sop> answer <eop>`; the prompt and [gMASK] are seen, not predicted."""
+    context_length = glm_context_length(ids, bos_token_id)
+    return [ignore_index] * context_length + list(ids[context_length:])
 
 
 def encode_whitespace(text: str, max_blank_length: int = MAX_BLANK_LENGTH) -> str:

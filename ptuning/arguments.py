@@ -4,17 +4,17 @@ The names are the original's, so its command lines keep working. A few options o
 Hugging Face summarisation example the original started from; they are accepted and, when set, a warning
 says they are ignored (IGNORED_OPTIONS).
 """
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from chatglm_6b.modeling_chatglm import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from runtime.loading import DEMO_MODEL_PATH
 
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
-        default=os.path.join(ROOT, "demo_model"),
+        default=DEMO_MODEL_PATH,
         metadata={"help": "base checkpoint directory or hub id (default: the demo checkpoint; THUDM/chatglm-6b for "
                           "the real model), or the directory of a full fine-tune checkpoint"})
     ptuning_checkpoint: Optional[str] = field(
@@ -81,8 +81,8 @@ class DataTrainingArguments:
     forced_bos_token: Optional[str] = field(default=None, metadata={"help": "ignored (an mBART option)"})
     do_sample: bool = field(default=False, metadata={"help": "sample during evaluation (default: deterministic "
                                                              "greedy or beam search)"})
-    top_p: float = field(default=0.7, metadata={"help": "nucleus sampling threshold with --do_sample"})
-    temperature: float = field(default=0.95, metadata={"help": "sampling temperature with --do_sample"})
+    top_p: float = field(default=DEFAULT_TOP_P, metadata={"help": "nucleus sampling threshold with --do_sample"})
+    temperature: float = field(default=DEFAULT_TEMPERATURE, metadata={"help": "sampling temperature with --do_sample"})
 
     def __post_init__(self):
         if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):

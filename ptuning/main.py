@@ -28,13 +28,14 @@ import transformers
 from datasets import load_dataset
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from chatglm_6b.modeling_chatglm import build_prompt  # noqa: E402
+from chatglm_6b.tokenization_chatglm import glm_training_labels  # noqa: E402
 from ptuning.arguments import IGNORED_OPTIONS, DataTrainingArguments, ModelArguments  # noqa: E402
 from ptuning.trainer import ChatGLMTrainer  # noqa: E402
-from utils import CheckpointError, load_finetuned, load_model_and_tokenizer  # noqa: E402
+from runtime.finetunes import load_finetuned  # noqa: E402
+from runtime.loading import CheckpointError, load_model_and_tokenizer  # noqa: E402
 
 logger = logging.getLogger("ptuning")
 
@@ -62,11 +63,9 @@ def answer_ids(tokenizer, example: dict, data_args: DataTrainingArguments, max_t
 
 def encode_for_loss(tokenizer, example: dict, data_args: DataTrainingArguments, max_target_length: int) -> dict:
     """prompt [gMASK] <sop> answer <eop>, the layout chat() generates in; the loss covers <sop> answer <eop>."""
-    prompt = prompt_ids(tokenizer, example, data_args)
-    input_ids = tokenizer.build_inputs_with_special_tokens(prompt, answer_ids(tokenizer, example, data_args,
-                                                                               max_target_length))
-    context_length = len(prompt) + 1  # the prompt and [gMASK]: the model sees them, it does not predict them
-    return {"input_ids": input_ids, "labels": [-100] * context_length + input_ids[context_length:]}
+    input_ids = tokenizer.build_inputs_with_special_tokens(prompt_ids(tokenizer, example, data_args),
+                                                           answer_ids(tokenizer, example, data_args, max_target_length))
+    return {"input_ids": input_ids, "labels": glm_training_labels(input_ids, tokenizer.bos_token_id)}
 
 
 def encode_for_generation(tokenizer, example: dict, data_args: DataTrainingArguments, max_target_length: int) -> dict:
@@ -78,8 +77,9 @@ def encode_for_generation(tokenizer, example: dict, data_args: DataTrainingArgum
 @dataclass
 class Collator:
     """Left-pads input_ids with the tokenizer, which adds each example's GLM attention mask and position ids
-    (so padding never changes what a token sees), and left-pads labels alike: aligned with input_ids for the
-    loss, to the longest reference answer for generation."""
+    (so padding never changes what a token sees), and left-pads labels to the batch's width (the inputs' or
+    the longest label's): for the loss they stay aligned with input_ids; for generation they are the
+    reference answers, which decode() reads without the padding."""
     tokenizer: object
     label_pad_id: int = -100
     max_length: Optional[int] = None  # --pad_to_max_length: every batch this long

@@ -5,9 +5,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 
 import openai
@@ -20,6 +18,7 @@ from schemathesis import GenerationMode
 
 from chatglm_6b.modeling_chatglm import build_prompt, process_response
 from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
+from tools.local_server import LocalServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API = os.path.join(ROOT, "api.py")
@@ -34,42 +33,15 @@ API_KEY = "test-key-123"
 MESSAGE = [{"role": "user", "content": "hi"}]
 
 
-class Server:
+class Server(LocalServer):
+    """api.py with the given arguments, started from outside the repository (it must find its imports
+    itself), ready once its OpenAPI schema is served."""
+
     def __init__(self, args, log_path, cwd):
-        with socket.socket() as probe:  # a free port
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
         env = {name: value for name, value in os.environ.items() if name != "CHATGLM_API_KEY"}  # keys from args only
         env["OMP_NUM_THREADS"] = "1"  # these small models run many times faster on one thread of a busy machine
-        with open(log_path, "w") as log:  # cwd elsewhere: api.py must find its imports itself
-            self.process = subprocess.Popen([sys.executable, API, "--port", str(self.port), *args], cwd=cwd,
-                                            stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 180
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"api.py exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                requests.get(self.url + "/openapi.json", timeout=2)
-                return
-            except requests.ConnectionError:
-                if time.time() > deadline:
-                    self.stop()
-                    pytest.fail(f"api.py did not answer within 180 s:\n{self.log()}")
-                time.sleep(0.3)
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        super().__init__(API, args, log_path=log_path, cwd=cwd, env=env)
+        self.wait("/openapi.json")
 
 
 @pytest.fixture(scope="session")
@@ -182,7 +154,7 @@ def test_openai_streaming_matches_non_streaming(client, tokenizer):
 def test_streamed_text_is_never_taken_back(tokenizer):
     """A growing response can still change at its end (a half character, an ASCII mark that becomes a
     Chinese one, a partial stop string or placeholder): the server streams only what stable_prefix keeps."""
-    from chatglm_6b.modeling_chatglm import stable_prefix
+    from runtime.generation import stable_prefix
 
     stops = ["世界 a"]
     for text in (DEMO_REPLY, "Hello, world! 你好,世界 a:b [[训练时间]] ok,好?好"):

@@ -1,5 +1,4 @@
 """The shipped demo checkpoint (demo_model/): real replies, loadable through the Auto classes, in sync with chatglm_6b/."""
-import filecmp
 import json
 import os
 import shutil
@@ -9,7 +8,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from conftest import ROOT
-from utils import DEMO_MODEL_PATH, load_model_and_tokenizer
+from runtime.loading import COPY_HEADER, DEMO_MODEL_PATH, load_model_and_tokenizer, model_code_files
 
 HELLO_REPLY = ("你好👋！我是 ChatGLM-6B 的演示小模型，由本项目用自己的代码训练而成。我只记得训练语料里的对话，"
                "回答能力很有限；想要完整的能力，请加载真正的 ChatGLM-6B 权重。")
@@ -45,11 +44,14 @@ def test_loads_through_auto_classes_from_a_copy(demo, tmp_path):
 
 
 def test_checkpoint_code_is_the_repository_code():
-    code_dir = os.path.join(ROOT, "chatglm_6b")
-    for name in sorted(os.listdir(code_dir)):
-        if name.endswith(".py") and name != "__init__.py":
-            assert filecmp.cmp(os.path.join(code_dir, name), os.path.join(DEMO_MODEL_PATH, name), shallow=False), \
-                f"demo_model/{name} differs from chatglm_6b/{name}: run utils.copy_model_code(\"demo_model\")"
+    """demo_model/*.py are chatglm_6b/*.py under a one-line header naming the command that writes them."""
+    for name in model_code_files():
+        with open(os.path.join(ROOT, "chatglm_6b", name), encoding="utf-8") as f:
+            source = f.read()
+        with open(os.path.join(DEMO_MODEL_PATH, name), encoding="utf-8") as f:
+            header, _, copy = f.read().partition("\n")
+        assert header + "\n" == COPY_HEADER.format(name=name) and "python tools/copy_model_code.py" in header
+        assert copy == source, f"demo_model/{name} differs from chatglm_6b/{name}: run python tools/copy_model_code.py"
 
 
 def test_checkpoint_is_small():

@@ -45,3 +45,31 @@ def test_runnable_blocks_run(language, code):
                             timeout=300)
     assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert result.stdout.strip(), "the block printed nothing"
+
+
+LAYOUT = {"README.md": "## 仓库结构", "README_en.md": "## Repository layout"}
+
+
+@pytest.mark.parametrize("readme", sorted(LAYOUT))
+def test_repository_layout_matches_the_tree(readme):
+    """Every path the layout names exists; every top-level entry of the tree, and every module of the
+    packages it lists file by file, is named."""
+    section = read(readme).split(LAYOUT[readme], 1)[1]
+    block = re.search(r"```text\n(.*?)```", section, re.S).group(1)
+    named, folder = set(), ""
+    for line in block.splitlines():
+        paths = line.strip().split("  ")[0].split()  # the path column ends at the first double space
+        if not line.startswith(" "):
+            folder = paths[0] if paths[0].endswith("/") else ""
+            named.update(paths)
+        else:
+            named.update(folder + path for path in paths)
+    missing = sorted(path for path in named if not os.path.exists(os.path.join(ROOT, path)))
+    assert not missing, f"{readme} names paths that do not exist: {missing}"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    top = {path.split("/")[0] + ("/" if "/" in path else "") for path in tracked if path != ".gitignore"}
+    assert not top - named, f"{readme} does not name {sorted(top - named)}"
+    for package in ("chatglm_6b/", "runtime/"):
+        modules = {package + name for name in os.listdir(os.path.join(ROOT, package))
+                   if name.endswith(".py") and name != "__init__.py"}
+        assert not modules - named, f"{readme} does not name {sorted(modules - named)}"

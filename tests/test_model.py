@@ -10,7 +10,8 @@ from chatglm_6b.modeling_chatglm import (ChatGLMForConditionalGeneration, Invali
                                          process_response)
 from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
 from conftest import write_sharded_bin
-from utils import CheckpointError, gpu_device_map, load_model_and_tokenizer, save_checkpoint
+from runtime.devices import gpu_device_map
+from runtime.loading import CheckpointError, load_model_and_tokenizer, save_checkpoint
 
 # Exact round trip for text that SentencePiece's NFKC normaliser leaves as is (it maps full-width "，" to ",").
 HARD_STRINGS = [
@@ -251,3 +252,21 @@ def test_gpu_device_map_splits_as_the_original(num_gpus, layers_per_gpu):
     layers = [device_map[f"transformer.layers.{i}"] for i in range(28)]
     assert layers == sorted(layers) and [layers.count(g) for g in range(num_gpus)] == layers_per_gpu
     assert len(device_map) == 31
+
+
+def test_the_original_utils_helpers_keep_their_names_and_signatures():
+    """`from utils import load_model_on_gpus, auto_configure_device_map` as in the original's scripts."""
+    import inspect
+
+    from utils import DeviceError, auto_configure_device_map, load_model_on_gpus
+
+    assert list(inspect.signature(auto_configure_device_map).parameters) == ["num_gpus"]
+    assert list(inspect.signature(load_model_on_gpus).parameters) == ["checkpoint_path", "num_gpus", "device_map",
+                                                                      "kwargs"]
+    assert inspect.signature(load_model_on_gpus).parameters["num_gpus"].default == 2
+    assert auto_configure_device_map(2) == gpu_device_map(28, 2)
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA"):
+            load_model_on_gpus(None, num_gpus=1)
+        with pytest.raises(DeviceError, match="CUDA"):
+            load_model_on_gpus(None, num_gpus=2)

@@ -4,19 +4,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration, build_prompt  # noqa: E402
-from ptuning import main as ptuning_main  # noqa: E402
-from utils import checkpoint_kind, load_finetuned  # noqa: E402
+from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration, build_prompt
+from conftest import ROOT
+from ptuning import main as ptuning_main
+from runtime.finetunes import checkpoint_kind, load_finetuned
 
 TINY = os.path.join(ROOT, "tests", "fixtures", "reference", "tiny-chatglm")
 ADGEN = os.path.join(ROOT, "ptuning", "data", "adgen_sample")

@@ -10,7 +10,7 @@ from chatglm_6b.quantization import QuantizedLinear
 from conftest import ROOT, write_sharded_bin
 from test_demo_model import HELLO_REPLY
 from tools.train_demo_model import encode_example, load_corpus
-from utils import _read_weights, load_model_and_tokenizer, save_checkpoint
+from runtime.loading import load_model_and_tokenizer, read_weights, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_front_end_options_reach_the_loader():
     """`--device cpu --dtype bf16 --quantize 8`, as the README's CPU deployment command gives them."""
     import argparse
 
-    from utils import add_model_args, load_from_args
+    from runtime.options import add_model_args, load_from_args
 
     args = add_model_args(argparse.ArgumentParser()).parse_args(["--device", "cpu", "--dtype", "bf16", "--quantize", "8"])
     model, tokenizer = load_from_args(args)
@@ -134,7 +134,7 @@ def test_weights_read_again_after_their_pages_were_dropped(tiny, tiny_dir, tmp_p
     read = {}
     for file in sorted(os.listdir(out)):
         if file.endswith(".bin"):
-            read.update(_read_weights(os.path.join(out, file)))  # every tensor's pages dropped as it goes
+            read.update(read_weights(os.path.join(out, file)))  # every tensor's pages dropped as it goes
     assert read.keys() == state.keys()
     for name, value in state.items():
         assert torch.equal(read[name], value), name

@@ -3,14 +3,12 @@
 The exact-reply test needs the demo checkpoint (demo_model/); Stop and HTML injection run on the tiny
 random checkpoint, whose gibberish replies run to the maximum length and so are long enough to stop."""
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
+
+from tools.local_server import LocalServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEB_DEMO = os.path.join(ROOT, "web_demo.py")
@@ -41,41 +39,15 @@ def test_to_markdown_escapes_html_outside_code_only():
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}, {"role": "user", "content": "&lt;q>"}]
 
 
-class DemoServer:
+class DemoServer(LocalServer):
     """`python web_demo.py --greedy` on a free port, started from outside the repository."""
 
     def __init__(self, log_dir, *model_args):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/"
-        self.log_path = os.path.join(log_dir, f"web_demo_{port}.log")
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen([sys.executable, WEB_DEMO, "--port", str(port), "--greedy", *model_args],
-                                            cwd=log_dir, stdout=log, stderr=subprocess.STDOUT)
+        port_log = os.path.join(log_dir, f"web_demo_{len(os.listdir(log_dir))}.log")
+        super().__init__(WEB_DEMO, ["--greedy", *model_args], log_path=port_log, cwd=log_dir)
 
     def wait(self, timeout=120):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"web_demo.py exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                urllib.request.urlopen(self.url, timeout=2).close()
-                return self.url
-            except OSError:
-                time.sleep(0.5)
-        pytest.fail(f"web_demo.py did not answer on {self.url} in {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self):
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()[-3000:]
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        return super().wait("/", timeout)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,10 @@ import re
 import sys
 import unicodedata
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from runtime import ROOT  # noqa: E402
+
 DEFAULT_DIR = os.path.join(ROOT, "data", "demo_corpus")
 
 MIN_SINGLE = 330

@@ -4,15 +4,12 @@
 learned pieces, and the control pieces `[MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK>`
 last (as in the original, where they sit at the end of the vocabulary)."""
 import io
-import os
-import sys
 from typing import Dict, Iterable
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from chatglm_6b.tokenization_chatglm import MAX_BLANK_LENGTH, encode_whitespace  # noqa: E402
+from chatglm_6b.tokenization_chatglm import MAX_BLANK_LENGTH, encode_whitespace
 
 CONTROL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 USER_PIECES = ["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, MAX_BLANK_LENGTH + 1)]

@@ -14,17 +14,15 @@ import argparse
 import html
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from runtime import ROOT  # noqa: E402
+from runtime.loading import load_model_and_tokenizer  # noqa: E402
+from tools.local_server import LocalServer  # noqa: E402
 from tools.train_demo_model import load_corpus  # noqa: E402
-from utils import load_model_and_tokenizer  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
@@ -170,25 +168,6 @@ def save_screenshot(target, name):
     print(f"wrote {os.path.relpath(path, ROOT)}")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url, process, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"web_demo.py exited with {process.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"web_demo.py did not answer on {url} in {timeout} s")
-
-
 def settled_text(locator, quiet=2.0):
     """The locator's text once it has stopped changing for `quiet` seconds (the reply has finished streaming)."""
     shown, since = locator.inner_text(), time.monotonic()
@@ -203,12 +182,8 @@ def settled_text(locator, quiet=2.0):
 def make_web_screenshot(browser, model, tokenizer):
     prompts = ["用 Python 实现快速排序"]  # code and LaTeX: what the web page renders and a terminal cannot
     expected = chat(model, tokenizer, prompts)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "web_demo.py"), "--greedy", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_for(url, server)
+    with LocalServer(os.path.join(ROOT, "web_demo.py"), ["--greedy"]) as server:
+        url = server.wait("/")
         page = browser.new_page(viewport={"width": 1280, "height": 1000}, device_scale_factor=1)
         page.goto(url)
         for i, prompt in enumerate(prompts):
@@ -225,9 +200,6 @@ def make_web_screenshot(browser, model, tokenizer):
             raise SystemExit(f"the web page shows {shown!r}, the model says {reply!r}")
         save_screenshot(page, "web_demo.png")
         page.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def cli_session(columns=96, rows=26):

@@ -13,8 +13,12 @@ import json
 import os
 import re
 import random
+import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from runtime import ROOT  # noqa: E402
+
 DATA = os.path.join(ROOT, "ptuning", "data")
 
 # -----------------------------------------------------------------------------

@@ -15,14 +15,14 @@ import time
 import torch
 from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration, build_prompt  # noqa: E402
-from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer  # noqa: E402
+from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer, glm_training_labels  # noqa: E402
+from runtime import ROOT  # noqa: E402
+from runtime.loading import DEMO_MODEL_PATH, load_model_and_tokenizer, save_checkpoint  # noqa: E402
 from tools.ice_tokenizer import train_ice_tokenizer  # noqa: E402
-from utils import DEMO_MODEL_PATH, load_model_and_tokenizer, save_checkpoint  # noqa: E402
 
 CORPUS_DIR = os.path.join(ROOT, "data", "demo_corpus")
 
@@ -46,9 +46,7 @@ def encode_example(tokenizer, query, history, response):
     prompt_ids = tokenizer.encode(build_prompt(query, history), add_special_tokens=False)
     response_ids = tokenizer.encode(response, add_special_tokens=False)
     input_ids = tokenizer.build_inputs_with_special_tokens(prompt_ids, response_ids)
-    context_length = input_ids.index(tokenizer.bos_token_id)
-    labels = [-100] * context_length + input_ids[context_length:]
-    return input_ids, labels
+    return input_ids, glm_training_labels(input_ids, tokenizer.bos_token_id)
 
 
 def batches(encoded, batch_size, rng, pad_id):
@@ -73,7 +71,7 @@ def evaluate(model, tokenizer, examples):
     hits = {"single": [0, 0], "multi": [0, 0]}
     failures = []
     for kind, query, history, response in tqdm(examples, desc="evaluating", leave=False):
-        answer, _ = model.chat(tokenizer, query, history, do_sample=False, max_length=2048)
+        answer, _ = model.chat(tokenizer, query, history, do_sample=False)
         hits[kind][0] += answer == response
         hits[kind][1] += 1
         if answer != response:

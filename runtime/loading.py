@@ -1,0 +1,273 @@
+"""Checkpoint path or hub id -> (model, tokenizer): the checkpoint formats (sharded .bin with its index as
+the original ships, safetensors), quantizing while loading, handing memory back to the OS, and saving
+checkpoints that load anywhere (weights, config, tokenizer and the model code side by side)."""
+import ctypes
+import ctypes.util
+import functools
+import json
+import logging
+import mmap
+import os
+import sys
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from chatglm_6b.configuration_chatglm import ChatGLMConfig
+from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration
+from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
+
+from . import ROOT
+from .devices import DeviceError, default_dtype, gpu_device_map, pick_device, require_gpus
+
+DEMO_MODEL_PATH = os.path.join(ROOT, "demo_model")
+CODE_DIR = os.path.join(ROOT, "chatglm_6b")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+COPY_HEADER = ("# Copy of chatglm_6b/{name}, written by `python tools/copy_model_code.py` "
+               "(runtime.loading.copy_model_code): edit chatglm_6b/{name}, not this file.\n")
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or unreadable; the message is one line for the user."""
+
+
+# ---- formats ----------------------------------------------------------------------------------------
+
+def resolve_checkpoint(model_path: str) -> str:
+    """A local directory as is; anything that looks like a path but is not a directory is an error;
+    everything else is taken as a hub id."""
+    expanded = os.path.expanduser(model_path)
+    if os.path.isdir(expanded):
+        for required in ("config.json", "ice_text.model"):
+            if not os.path.isfile(os.path.join(expanded, required)):
+                raise CheckpointError(f"{model_path!r} is not a ChatGLM checkpoint: it has no {required}.")
+        return expanded
+    if os.path.exists(expanded) or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
+        raise CheckpointError(f"model path {model_path!r} is not a checkpoint directory.")
+    return model_path
+
+
+def single_weight_file(directory: str) -> Optional[str]:
+    """The directory's one-file weights, model.safetensors before pytorch_model.bin, or None."""
+    return next((os.path.join(directory, name) for name in WEIGHT_FILES
+                 if os.path.isfile(os.path.join(directory, name))), None)
+
+
+def weight_files(path: str) -> List[str]:
+    """The checkpoint's weight files: a sharded index (safetensors or the original .bin) or one file."""
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path)
+    for index in WEIGHT_INDEXES:
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    single = single_weight_file(path)
+    if single is not None:
+        return [single]
+    raise CheckpointError(f"no model.safetensors or pytorch_model.bin (or their index) in {path!r}.")
+
+
+def read_weights(file: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) one at a time, memory-mapped, so only the tensor in hand is resident: a .bin tensor's
+    pages are dropped when the caller asks for the next one (touching it again re-reads the file)."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        for name, tensor in torch.load(file, map_location="cpu", mmap=True, weights_only=True).items():
+            yield name, tensor
+            drop_mapped_pages(tensor)  # the caller has copied what it needed by now
+
+
+def weight_names(checkpoint: str) -> List[str]:
+    """Names of the weights in a single-file checkpoint, read without loading the tensors; [] when sharded."""
+    path = single_weight_file(checkpoint)
+    if path is None:
+        return []
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    return list(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    """The C library on Linux (for malloc_trim and madvise), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hands memory that was freed back to the OS. Quantizing while loading frees many float temporaries
+    between small long-lived tensors; glibc keeps those holes mapped, ~0.2 GB for 6B, unless asked."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only (not musl)
+        libc.malloc_trim(0)
+
+
+def drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """Drops a memory-mapped, never-written tensor's pages from this process's memory. They still belong
+    to the file: touching the tensor again reads them back. Without this, every page of the shard being
+    read stays resident until the shard is closed (1.6 GB for a ChatGLM-6B shard)."""
+    libc = _libc()
+    if libc is None or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE) * mmap.PAGESIZE
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+def load_and_quantize(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dtype):
+    """Loads a float checkpoint and quantizes it on the way: the model is built with empty INT8/INT4 layers
+    and each float weight is quantized as it is read, shard by shard, so peak memory stays near the
+    quantized model's size (the original loaded the whole fp16 model first, ~13 GB for 6B)."""
+    from chatglm_6b.quantization import QuantizedLinear, set_quantized_weight
+
+    config.quantization_bit = bits
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    modules = dict(model.named_modules())
+    tied = config.tie_word_embeddings
+    unexpected = set()
+    for file in tqdm(weight_files(path), desc="loading and quantizing", unit="shard"):
+        for name, tensor in read_weights(file):
+            module_name, _, attr = name.rpartition(".")
+            module = modules.get(module_name)
+            if module is None:
+                unexpected.add(name)
+                continue
+            if tied and name == "lm_head.weight":  # the word embeddings, once more
+                continue
+            if attr in module._buffers:  # rotary inv_freq: kept as stored (fp16-rounded, as the original)
+                module._buffers[attr] = tensor.clone()
+            elif isinstance(module, QuantizedLinear) and attr == "weight" and tensor.is_floating_point():
+                set_quantized_weight(module, tensor, dtype)
+            else:
+                value = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)  # one copy, off the file
+                module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        release_freed_memory()
+    if tied:
+        model.lm_head.weight = model.transformer.word_embeddings.weight
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    for name, module in model.named_modules():  # a new P-Tuning prefix encoder: the one thing a checkpoint may lack
+        if "prefix_encoder" in name and any(t.is_meta for t in module.parameters(recurse=False)):
+            module.to_empty(device="cpu")
+            model._init_weights(module)
+            module.to(dtype)
+    if config.pre_seq_len is not None:
+        model.freeze_all_but_prefix()
+    return model, {"missing_keys": [n for n in missing if "prefix_encoder" not in n], "unexpected_keys": unexpected}
+
+
+def load_prefix_encoder(model: ChatGLMForConditionalGeneration, ptuning_checkpoint: str) -> None:
+    """Loads the P-Tuning prefix encoder weights saved by ptuning/ (the only trained weights there)."""
+    file = single_weight_file(ptuning_checkpoint)
+    if file is None:
+        raise CheckpointError(f"no model.safetensors or pytorch_model.bin in P-Tuning checkpoint {ptuning_checkpoint!r}.")
+    prefix = {k.split("prefix_encoder.", 1)[1]: v for k, v in read_weights(file) if "prefix_encoder." in k}
+    if not prefix:
+        raise CheckpointError(f"{ptuning_checkpoint!r} holds no prefix_encoder weights.")
+    model.transformer.prefix_encoder.load_state_dict(prefix)
+
+
+def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "auto", dtype: Optional[torch.dtype] = None,
+                             quantize: Optional[int] = None, ptuning_checkpoint: Optional[str] = None,
+                             pre_seq_len: Optional[int] = None, prefix_projection: bool = False,
+                             num_gpus: int = 1, device_map: Optional[Dict[str, int]] = None,
+                             ) -> Tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
+    """Loads a ChatGLM-6B-format checkpoint (the demo checkpoint by default) in eval mode.
+
+    model_path: a local directory (sharded .bin with its index, or safetensors) or a hub id.
+    device: auto | cpu | cuda | mps. dtype: default fp16 on GPUs, fp32 on CPU.
+    quantize: 4 or 8 for weight-only INT4/INT8. ptuning_checkpoint/pre_seq_len: a P-Tuning v2 prefix.
+    num_gpus: > 1 splits the layers over that many CUDA GPUs (embeddings, final norm and head on GPU 0),
+    or as `device_map` places them. Raises CheckpointError (or DeviceError) with a one-line message.
+    """
+    path = resolve_checkpoint(model_path or DEMO_MODEL_PATH)
+    target = pick_device(device)
+    dtype = dtype or default_dtype(target)
+    spread = num_gpus > 1 or device_map is not None
+    if spread:
+        if target.type != "cuda":
+            raise DeviceError(f"placing the model over several GPUs needs CUDA; the device is {target.type}.")
+        gpus = [gpu for gpu in (device_map or {}).values() if isinstance(gpu, int)]
+        require_gpus(num_gpus if device_map is None else 1 + max(gpus, default=0))
+    try:
+        config = ChatGLMConfig.from_pretrained(path)
+        if ptuning_checkpoint is not None or pre_seq_len is not None:
+            config.pre_seq_len = pre_seq_len or config.pre_seq_len
+            config.prefix_projection = prefix_projection
+            if not config.pre_seq_len:
+                raise CheckpointError("a P-Tuning checkpoint needs --pre-seq-len (the PRE_SEQ_LEN it was trained with).")
+        tokenizer = ChatGLMTokenizer.from_pretrained(path)
+        if quantize and not config.quantization_bit and not spread:
+            model, info = load_and_quantize(path, config, quantize, dtype)
+        else:
+            if spread and device_map is None:
+                device_map = gpu_device_map(config.num_layers, num_gpus)
+            model, info = ChatGLMForConditionalGeneration.from_pretrained(
+                path, config=config, dtype=dtype, device_map=device_map, output_loading_info=True)
+    except CheckpointError:
+        raise
+    except Exception as error:  # every library error becomes one line naming the checkpoint
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot load checkpoint {model_path or DEMO_MODEL_PATH!r}: {message}") from error
+    missing = [k for k in info["missing_keys"] if "prefix_encoder" not in k]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: {len(missing)} weights missing, e.g. {missing[0]}")
+    if ptuning_checkpoint is not None:
+        load_prefix_encoder(model, ptuning_checkpoint)
+    if quantize:
+        model.quantize(quantize)
+    if not spread:
+        model = model.to(target)
+    return model.eval(), tokenizer
+
+
+# ---- saving -----------------------------------------------------------------------------------------
+
+def save_checkpoint(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, out_dir: str) -> None:
+    """Saves weights (safetensors), config, tokenizer and our model code side by side, so the directory
+    loads with `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` as well as with this repo."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.config.auto_map = AUTO_MAP
+    model.save_pretrained(out_dir)
+    tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+    tokenizer.save_pretrained(out_dir)
+    copy_model_code(out_dir)
+
+
+def model_code_files() -> List[str]:
+    return sorted(name for name in os.listdir(CODE_DIR) if name.endswith(".py") and name != "__init__.py")
+
+
+def copy_model_code(out_dir: str) -> None:
+    """Puts the current chatglm_6b/*.py beside a checkpoint (transformers' remote code), each under a
+    one-line header that says where it comes from."""
+    for name in model_code_files():
+        with open(os.path.join(CODE_DIR, name), encoding="utf-8") as source:
+            code = source.read()
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as copy:
+            copy.write(COPY_HEADER.format(name=name) + code)

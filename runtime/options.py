@@ -1,0 +1,58 @@
+"""The options the three front-ends share: which model to load and how, and the sampling defaults."""
+import argparse
+import sys
+
+import torch
+
+from chatglm_6b.modeling_chatglm import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+
+from .devices import DeviceError
+from .finetunes import load_finetuned
+from .loading import CheckpointError
+
+__all__ = ["DEFAULT_MAX_LENGTH", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "DTYPES", "add_model_args",
+           "add_sampling_args", "load_from_args"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The model options every front-end takes."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model-path", default=None,
+                       help="checkpoint directory or hub id (default: the demo checkpoint in demo_model/; "
+                            "THUDM/chatglm-6b for the real model)")
+    group.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="weight-only INT4 or INT8")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                       help="auto picks CUDA, then MPS, then CPU")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="dtype of the unquantized weights and activations (default: fp16 on GPUs, fp32 on "
+                            "CPU; bf16 halves a CPU model's memory)")
+    group.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
+    group.add_argument("--ptuning-checkpoint", default=None,
+                       help="a checkpoint from ptuning/: P-Tuning v2 prefix, LoRA adapter or full fine-tune")
+    group.add_argument("--pre-seq-len", type=int, default=None,
+                       help="PRE_SEQ_LEN of a P-Tuning checkpoint (default: what its config.json records)")
+    return parser
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Sampling options with chat()'s defaults."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="prompt + reply tokens at most")
+    group.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
+                       help="nucleus sampling: keep this probability mass")
+    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="sampling temperature")
+    group.add_argument("--greedy", action="store_true", help="no sampling: the same input gives the same reply")
+    return parser
+
+
+def load_from_args(args: argparse.Namespace):
+    """(model, tokenizer) from add_model_args' options, with a fine-tuned checkpoint applied if given;
+    a bad checkpoint or a missing device exits with one line."""
+    try:
+        return load_finetuned(args.ptuning_checkpoint, args.model_path, pre_seq_len=args.pre_seq_len,
+                              device=args.device, dtype=DTYPES.get(args.dtype), quantize=args.quantize,
+                              num_gpus=args.num_gpus)
+    except (CheckpointError, DeviceError) as error:
+        sys.exit(f"error: {error}")
