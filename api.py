@@ -17,7 +17,12 @@ Choices beyond the original:
   there, and a prompt that does not fit is a 400.
 - Unset sampling values default to ChatGLM's own (temperature 0.95, top_p 0.7) on both endpoints.
 - Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 422 for values the
-  schema rejects, 400 for requests that do not fit the model, 401 for a missing or wrong API key.
+  schema rejects, 400 for requests that do not fit the model (or that ask for what it cannot do: tools,
+  logprobs, penalties, ...), 401 for a missing or wrong API key, 413 for a body over --max-body-bytes.
+- Before any body is read: the Host header must name this server (localhost names when it listens on a
+  loopback address, so that a web page cannot reach it through DNS rebinding; --allowed-hosts widens it),
+  the API key is checked (on every path, /docs and /openapi.json too), and the body's size is bounded.
+- Prompts are capped in characters before they are tokenized (MAX_PROMPT_CHARS_PER_TOKEN times the context).
 """
 import argparse
 import asyncio
@@ -30,22 +35,25 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Annotated, AsyncIterator, Callable, Iterator, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, AsyncIterator, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
 import torch
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 from starlette.exceptions import HTTPException
 
-from chatglm_6b.modeling_chatglm import build_prompt
+from chatglm_6b.modeling_chatglm import build_prompt, process_response
 from runtime.generation import first_stop, stable_prefix
 from runtime.options import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args
 
 MODEL_ID = "chatglm-6b"
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+# A token is rarely more than a few characters; a prompt this many times the context cannot fit.
+MAX_PROMPT_CHARS_PER_TOKEN = 32
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "[::1]", "::1"]
 logger = logging.getLogger("api")
 
 
@@ -82,13 +90,23 @@ class RequestBody(BaseModel):
 
 # ---- the original endpoint ------------------------------------------------------------------------
 
+def _null_means(default_factory, accepted):
+    """null means the default, as the original (whose fields were untyped) treated it."""
+    return BeforeValidator(lambda value: default_factory() if value is None else value,
+                           json_schema_input_type=Optional[accepted])
+
+
 class ChatRequest(RequestBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "你好", "history": []}]})
     prompt: Text = Field(min_length=1)
-    history: List[Pair] = Field(default_factory=list, description="earlier [prompt, response] pairs")
-    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=1, description="prompt plus response tokens, capped at the model's context")
-    top_p: float = Field(DEFAULT_TOP_P, gt=0, le=1)
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, description="0 means greedy decoding")
+    history: Annotated[List[Pair], _null_means(list, List[Pair])] = Field(
+        default_factory=list, description="earlier [prompt, response] pairs")
+    max_length: Annotated[int, _null_means(lambda: DEFAULT_MAX_LENGTH, int)] = Field(
+        DEFAULT_MAX_LENGTH, ge=1, description="prompt plus response tokens, capped at the model's context")
+    top_p: Annotated[float, _null_means(lambda: DEFAULT_TOP_P, float)] = Field(
+        DEFAULT_TOP_P, ge=0, le=1, description="0 is greedy")
+    temperature: Annotated[float, _null_means(lambda: DEFAULT_TEMPERATURE, float)] = Field(
+        DEFAULT_TEMPERATURE, ge=0, description="0 means greedy decoding")
 
 
 class ChatResponse(BaseModel):
@@ -100,9 +118,22 @@ class ChatResponse(BaseModel):
 
 # ---- the OpenAI-compatible API --------------------------------------------------------------------
 
+class TextPart(RequestBody):
+    type: Literal["text"]
+    text: Text
+
+
+def _join_parts(content):
+    """OpenAI's content is a string or a list of parts; only text parts can reach this model."""
+    if isinstance(content, list):
+        return "".join(part.text if isinstance(part, TextPart) else part["text"] if isinstance(part, dict) else part
+                       for part in content)
+    return content
+
+
 class Message(RequestBody):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="developer counts as system")
+    content: Annotated[Union[Text, List[TextPart]], AfterValidator(_join_parts)]
 
 
 class StreamOptions(RequestBody):
@@ -115,13 +146,42 @@ class ChatCompletionRequest(RequestBody):
     model: str = Field(MODEL_ID, description="ignored: this server serves one model")
     messages: List[Message] = Field(min_length=1)
     temperature: Optional[float] = Field(None, ge=0, le=2, description=f"default {DEFAULT_TEMPERATURE}; 0 is greedy")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description=f"default {DEFAULT_TOP_P}")
+    top_p: Optional[float] = Field(None, ge=0, le=1, description=f"default {DEFAULT_TOP_P}; 0 is greedy")
     max_tokens: Optional[int] = Field(None, ge=1, description="most new tokens; default: up to the context")
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="the newer name of max_tokens")
     stop: Stops = Field(default_factory=list, description="the response ends before the first of these strings")
-    n: int = Field(1, ge=1, le=1, description="only one choice is supported")
-    stream: bool = False
+    n: Optional[int] = Field(1, ge=1, le=1, description="only one choice is supported")
+    stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
+    # OpenAI options this server cannot honour: refused (400, naming the field) unless null or neutral.
+    tools: Optional[List[Any]] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[List[Any]] = None
+    function_call: Optional[Any] = None
+    response_format: Optional[Dict[str, Any]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    logit_bias: Optional[Dict[str, float]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+
+
+# Values of those options that ask for nothing this server does not do anyway.
+NEUTRAL = {"tools": [[]], "functions": [[]], "tool_choice": ["none"], "function_call": ["none"],
+           "response_format": [{"type": "text"}], "logprobs": [False], "top_logprobs": [0], "logit_bias": [{}],
+           "presence_penalty": [0], "frequency_penalty": [0]}
+
+
+def refuse_unsupported(request: "ChatCompletionRequest") -> None:
+    for field, neutral in NEUTRAL.items():
+        value = getattr(request, field)
+        if value is not None and value not in neutral:
+            raise ApiError(400, f"{field} is not supported by this server (ChatGLM-6B generates plain text only)",
+                           field)
+    if request.seed is not None:
+        raise ApiError(400, "seed is not supported: sampling here is not reproducible by seed; use temperature 0 "
+                            "for a deterministic reply", "seed")
 
 
 class Usage(BaseModel):
@@ -151,8 +211,13 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
+    """Only the fields a chunk carries are sent (no "content": null)."""
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChunkChoice(BaseModel):
@@ -193,7 +258,7 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 422, 500)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 500)}
 
 
 class ApiError(Exception):
@@ -212,7 +277,7 @@ def messages_to_chat(messages: List[Message]) -> Tuple[str, List[Tuple[str, str]
     """OpenAI messages -> (query, history) of ChatGLM: the last user message is the query, the
     user/assistant pairs before it the history, leading system messages go before the first user message."""
     system = []
-    while len(system) < len(messages) and messages[len(system)].role == "system":
+    while len(system) < len(messages) and messages[len(system)].role in ("system", "developer"):
         system.append(messages[len(system)].content)
     turns = messages[len(system):]
     for i, message in enumerate(turns):
@@ -236,7 +301,9 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 def sampling(temperature: float, top_p: float) -> dict:
-    return {"do_sample": temperature >= GREEDY_BELOW_TEMPERATURE, "temperature": temperature, "top_p": top_p}
+    """top_p 0 keeps only the most likely token: greedy as well."""
+    greedy = temperature < GREEDY_BELOW_TEMPERATURE or top_p == 0
+    return {"do_sample": not greedy, "temperature": temperature, "top_p": top_p}
 
 
 def sse(data: str) -> str:
@@ -296,9 +363,14 @@ class ChatService:
             cancelled.set()
         await running
 
-    def count_tokens(self, query: str, history: List[Tuple[str, str]]) -> int:
-        # Without the GLM attention mask, which is quadratic in the length and could not be built for a huge prompt.
-        return len(self.tokenizer(build_prompt(query, history), return_attention_mask=False)["input_ids"])
+    def count_tokens(self, query: str, history: List[Tuple[str, str]], param: str) -> int:
+        """The prompt's tokens, encoded as chat() encodes it. Refused before tokenizing when it has more
+        characters than could ever fit the context."""
+        prompt = build_prompt(query, history)
+        if len(prompt) > MAX_PROMPT_CHARS_PER_TOKEN * self.context:
+            raise ApiError(400, f"{param}: the prompt has {len(prompt)} characters, more than the model's context of "
+                                f"{self.context} tokens can hold", param)
+        return len(self.tokenizer(prompt, return_attention_mask=False, split_special_tokens=True)["input_ids"])
 
     def check_fits(self, prompt_tokens: int, param: str) -> None:
         if prompt_tokens >= self.context:
@@ -307,7 +379,7 @@ class ChatService:
 
     def chat(self, request: ChatRequest) -> Tuple[str, List[Tuple[str, str]]]:
         history = [tuple(pair) for pair in request.history]
-        prompt_tokens = self.count_tokens(request.prompt, history)
+        prompt_tokens = self.count_tokens(request.prompt, history, "prompt")
         self.check_fits(prompt_tokens, "prompt")
         max_length = min(request.max_length, self.context)
         if max_length <= prompt_tokens:
@@ -317,8 +389,9 @@ class ChatService:
                                **sampling(request.temperature, request.top_p))
 
     def prepare_completion(self, request: ChatCompletionRequest) -> dict:
+        refuse_unsupported(request)
         query, history = messages_to_chat(request.messages)
-        prompt_tokens = self.count_tokens(query, history)
+        prompt_tokens = self.count_tokens(query, history, "messages")
         self.check_fits(prompt_tokens, "messages")
         max_tokens = request.max_completion_tokens or request.max_tokens or self.context
         temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
@@ -329,20 +402,26 @@ class ChatService:
 
     def completion(self, job: dict) -> Iterator[Tuple[str, int, Optional[str]]]:
         """Yields (response so far, completion tokens, None) after every token, then the final
-        (response, completion tokens, finish reason); a stop string ends generation."""
-        response, tokens = "", 0
-        stream = self.model.stream_chat(self.tokenizer, job["query"], job["history"], max_length=job["max_length"],
-                                        **job["sampling"])
-        with contextlib.closing(stream):
-            for response, _ in stream:
-                tokens += 1
-                cut = first_stop(response, job["stops"])
+        (response, completion tokens, finish reason). Stop strings are looked for in the text as the
+        model wrote it (before process_response turns ASCII marks next to Chinese into Chinese ones);
+        the first one ends generation. The end token is not counted as a completion token."""
+        response, tokens, new, eos = "", 0, [], self.tokenizer.eos_token_id
+        inputs, gen_kwargs = self.model._chat_inputs(self.tokenizer, job["query"], job["history"], job["max_length"],
+                                                     1, job["sampling"]["do_sample"], job["sampling"]["top_p"],
+                                                     job["sampling"]["temperature"], None, {})
+        prompt_length = inputs["input_ids"].shape[1]
+        with contextlib.closing(self.model.stream_generate(**inputs, **gen_kwargs)) as stream:
+            for sequence in stream:
+                new = sequence[0, prompt_length:].tolist()
+                tokens = len(new) - (new[-1] == eos)
+                raw = self.tokenizer.decode(new)
+                cut = first_stop(raw, job["stops"])
                 if cut is not None:
-                    yield response[:cut], tokens, "stop"
+                    yield process_response(raw[:cut]), tokens, "stop"
                     return
+                response = process_response(raw)
                 yield response, tokens, None
-        # Reaching max_length counts as "length" even when the last token happened to be the end token.
-        yield response, tokens, "length" if job["prompt_tokens"] + tokens >= job["max_length"] else "stop"
+        yield response, tokens, "length" if job["prompt_tokens"] + len(new) >= job["max_length"] else "stop"
 
 
 async def stream_chunks(events: AsyncIterator, job: dict, completion_id: str, created: int,
@@ -384,17 +463,60 @@ def log_exchange(prompt: str, response: str) -> str:
     return now
 
 
-def create_app(model, tokenizer, api_key: Optional[str] = None) -> FastAPI:
+class RequestGuard:
+    """ASGI middleware that answers, before the application reads a byte of the body: a Host header this
+    server does not answer to (400), a missing or wrong API key (401, on every path), and a body longer
+    than max_body_bytes (413, by Content-Length or while it streams in)."""
+
+    def __init__(self, app, api_key: Optional[str], allowed_hosts: Optional[List[str]], max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.allowed_hosts = None if allowed_hosts is None or "*" in allowed_hosts else \
+            {host.lower() for host in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if self.allowed_hosts is not None and name.lower() not in self.allowed_hosts:
+            return await error_response(400, f"Host {host!r} is not one this server answers to; start it with "
+                                             "--allowed-hosts to add names", "host")(scope, receive, send)
+        if self.api_key is not None:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return await error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer "
+                                                 "<key>'", kind="authentication_error",
+                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await self.too_large()(scope, receive, send)
+        received = 0
+
+        async def bounded_receive():  # a body without Content-Length (chunked) that grows past the limit
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise HTTPException(413, self.too_large_message())  # answered by the app's handler
+            return message
+
+        await self.app(scope, bounded_receive, send)
+
+    def too_large_message(self) -> str:
+        return f"the request body is over {self.max_body_bytes} bytes (--max-body-bytes)"
+
+    def too_large(self):
+        return error_response(413, self.too_large_message(), "body")
+
+
+def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: Optional[List[str]] = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The application; allowed_hosts None answers every Host header."""
     service = ChatService(model, tokenizer)
     started = int(time.time())
-    bearer = HTTPBearer(auto_error=False)
-
-    def require_api_key(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)):
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           kind="authentication_error")
-
-    app = FastAPI(title="ChatGLM-6B API", dependencies=[Depends(require_api_key)] if api_key else [])
+    app = FastAPI(title="ChatGLM-6B API")
+    app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
@@ -403,6 +525,11 @@ def create_app(model, tokenizer, api_key: Optional[str] = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         problems = error.errors()
+        if problems[0]["type"] == "json_invalid":
+            try:
+                (await request.body()).decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return error_response(422, f"body: not UTF-8 (byte {bad.start}); JSON bodies must be UTF-8", "body")
 
         def where(problem) -> str:
             if problem["type"] == "json_invalid":  # its loc is the character offset
@@ -419,7 +546,11 @@ def create_app(model, tokenizer, api_key: Optional[str] = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        return error_response(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+        if error.status_code == 400 and "parsing the body" in str(error.detail):  # FastAPI's words for it
+            return error_response(400, "body: cannot be read as JSON (it is not UTF-8, or it nests too deeply)",
+                                  "body")
+        return error_response(error.status_code, str(error.detail), "body" if error.status_code == 413 else None,
+                              headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):  # uvicorn logs the traceback
@@ -431,9 +562,18 @@ def create_app(model, tokenizer, api_key: Optional[str] = None) -> FastAPI:
         now = log_exchange(request.prompt, response)
         return ChatResponse(response=response, history=history, status=200, time=now)
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    card = ModelCard(id=MODEL_ID, created=started, owned_by="THUDM")
+
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models():
-        return ModelList(data=[ModelCard(id=MODEL_ID, created=started, owned_by="THUDM")])
+        return ModelList(data=[card])
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses={**ERROR_RESPONSES, 404: ERROR_RESPONSES[400]})
+    async def get_model(model_id: str):
+        if model_id != MODEL_ID:
+            raise ApiError(404, f"model {model_id!r} does not exist: this server serves {MODEL_ID!r}", "model",
+                           kind="not_found_error")
+        return card
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}},
@@ -462,11 +602,24 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("CHATGLM_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $CHATGLM_API_KEY; none: open)")
+    parser.add_argument("--allowed-hosts", default=None,
+                        help="comma-separated Host names to answer to, * for any (default: localhost names when "
+                             "--host is a loopback address, else any)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="longest request body; longer ones get 413")
     add_model_args(parser)
     args = parser.parse_args(argv)
+    if args.api_key is not None and not args.api_key.strip():
+        parser.error("--api-key (or $CHATGLM_API_KEY) is empty: give a key, or leave it out to serve without one")
+    if args.allowed_hosts is not None:
+        allowed_hosts = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()]
+    else:
+        allowed_hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES or args.host.startswith("127.") else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, tokenizer = load_from_args(args)
-    uvicorn.run(create_app(model, tokenizer, api_key=args.api_key), host=args.host, port=args.port)
+    app = create_app(model, tokenizer, api_key=args.api_key, allowed_hosts=allowed_hosts,
+                     max_body_bytes=args.max_body_bytes)
+    uvicorn.run(app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

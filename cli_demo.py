@@ -1,4 +1,4 @@
-"""Chat with ChatGLM-6B in the terminal; the reply streams in token by token.
+r"""Chat with ChatGLM-6B in the terminal; the reply streams in token by token.
 
     python cli_demo.py                                  # the demo checkpoint in demo_model/
     python cli_demo.py --model-path THUDM/chatglm-6b --quantize 4
@@ -7,6 +7,7 @@
 Type `clear` to forget the conversation, `stop` (or Ctrl-D) to quit; Ctrl-C stops the current reply.
 """
 import argparse
+import os
 import signal
 import sys
 
@@ -73,19 +74,24 @@ def main():
             import readline  # noqa: F401  (line editing and input history for input())
         except ImportError:  # Windows
             pass
+    # Bytes that are not UTF-8 arrive as lone surrogates, so that one bad line is refused, not the session.
+    sys.stdin.reconfigure(errors="surrogateescape")
     print(WELCOME)
     history = []
     while True:
         try:
             query = input(PROMPT).strip()
             if not sys.stdin.isatty():  # a terminal echoes what was typed; a pipe does not, so do it here
-                print(query)
+                print(query.encode("utf-8", "replace").decode("utf-8"))
         except KeyboardInterrupt:  # at the prompt: drop the line, keep the conversation
             print("\n（输入 stop 或按 Ctrl-D 退出）")
             continue
         except EOFError:
             print()
             return
+        if any("\udc80" <= char <= "\udcff" for char in query):
+            print("（这一行不是有效的 UTF-8 文本，已忽略；请检查终端的编码）")
+            continue
         if query == "stop":
             return
         if query == "clear":
@@ -102,3 +108,6 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:  # while the model loads
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)

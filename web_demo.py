@@ -34,16 +34,35 @@ def to_messages(history):
     return messages
 
 
-def build_demo(model, tokenizer, greedy: bool = False) -> gr.Blocks:
+# Below this, sampling picks the top token anyway (and 0 is not a temperature transformers accepts).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+def make_predict(model, tokenizer, greedy: bool = False):
+    """The page's reply function: streams (chatbot messages, history). A failure shows its message and
+    leaves the conversation as it was before the question, so the next question works."""
+
     def predict(query, max_length, top_p, temperature, history):
         if not query.strip():
             yield gr.skip(), gr.skip()
             return
         # Show the question before the first token; Stop keeps whatever has been yielded so far.
         yield to_messages(history + [(query, "")]), history + [(query, "")]
-        for _, new_history in model.stream_chat(tokenizer, query, history, max_length=int(max_length), top_p=top_p,
-                                                temperature=temperature, do_sample=not greedy):
-            yield to_messages(new_history), new_history
+        sample = not greedy and temperature >= GREEDY_BELOW_TEMPERATURE and top_p > 0
+        try:
+            for _, new_history in model.stream_chat(tokenizer, query, history, max_length=max(1, int(max_length)),
+                                                    top_p=top_p, temperature=temperature, do_sample=sample):
+                yield to_messages(new_history), new_history
+        except Exception as error:  # noqa: BLE001 (any failure of one reply must not break the session)
+            gr.Warning(f"出错 / Error: {error}")
+            yield to_messages(history), history
+
+    return predict
+
+
+def build_demo(model, tokenizer, greedy: bool = False) -> gr.Blocks:
+    predict = make_predict(model, tokenizer, greedy)
+    context = model.config.max_sequence_length
 
     with gr.Blocks(title="ChatGLM-6B", analytics_enabled=False) as demo:
         gr.Markdown("# ChatGLM-6B")
@@ -59,7 +78,8 @@ def build_demo(model, tokenizer, greedy: bool = False) -> gr.Blocks:
                     stop = gr.Button("Stop")
             with gr.Column(scale=1):
                 clear = gr.Button("Clear History")
-                max_length = gr.Slider(0, 4096, value=DEFAULT_MAX_LENGTH, step=1, label="Maximum length")
+                max_length = gr.Slider(1, context, value=min(DEFAULT_MAX_LENGTH, context), step=1,
+                                       label="Maximum length")
                 top_p = gr.Slider(0, 1, value=DEFAULT_TOP_P, step=0.01, label="Top P")
                 temperature = gr.Slider(0, 1, value=DEFAULT_TEMPERATURE, step=0.01, label="Temperature")
 

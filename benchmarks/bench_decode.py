@@ -96,39 +96,49 @@ class TokenTimes(BaseStreamer):
         pass
 
 
-def median_step_ms(times) -> float:
-    steps = sorted(b - a for a, b in zip(times[1:], times[2:]))  # past the first decoding step
-    return steps[len(steps) // 2] * 1000
+def step_times(times):
+    """Seconds between consecutive token times, past the first decoding step."""
+    return [b - a for a, b in zip(times[1:], times[2:])]
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
 
 
 @torch.inference_mode()
-def measure(model, prompt_length: int, decode_steps: int) -> dict:
+def measure(model, prompt_length: int, decode_steps: int, rounds: int = 3) -> dict:
     """Prefill and decode speed through the forward loop (the model alone) and through generate() (what
-    chat() and stream_chat() run), on the same prompt and the same number of new tokens."""
+    chat() and stream_chat() run), on the same prompt and the same number of new tokens. The two take
+    turns, `rounds` times, so that a change in the machine's speed (another tenant's memory traffic)
+    falls on both alike; each figure is the median step over all rounds."""
     vocab = model.config.vocab_size
     prompt = torch.randint(10, min(vocab, 20000), (1, prompt_length))
     prompt[0, -2:] = torch.tensor([model.config.gmask_token_id, model.config.bos_token_id])
     model(input_ids=prompt[:, :8], use_cache=True)  # warm-up (kernel compile/load, allocator)
+    prefills, forward_steps, generate_steps, first_tokens = [], [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        prefills.append(prompt_length / (time.perf_counter() - start))
+        cache = getattr(out, CACHE_FIELD)
+        position_ids, step = model.glm_generation_positions(prompt)
+        position_ids = position_ids[..., -1:]
+        times = [time.perf_counter()]
+        for _ in range(decode_steps):
+            token = out.logits[:, -1:].argmax(-1)
+            position_ids = position_ids + step
+            out = model(input_ids=token, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter())
+        forward_steps += step_times(times)
 
-    start = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    prefill = prompt_length / (time.perf_counter() - start)
-    cache = getattr(out, CACHE_FIELD)
-    position_ids, step = model.glm_generation_positions(prompt)
-    position_ids = position_ids[..., -1:]
-    times = [time.perf_counter()]
-    for _ in range(decode_steps):
-        token = out.logits[:, -1:].argmax(-1)
-        position_ids = position_ids + step
-        out = model(input_ids=token, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        times.append(time.perf_counter())
-
-    streamer = TokenTimes()
-    start = time.perf_counter()
-    model.generate(prompt, do_sample=False, max_new_tokens=decode_steps + 1, min_new_tokens=decode_steps + 1,
-                   streamer=streamer)
-    return {"prefill_tok_s": prefill, "forward_ms": median_step_ms(times),
-            "generate_ttft_s": streamer.times[1] - start, "generate_ms": median_step_ms(streamer.times[1:])}
+        streamer = TokenTimes()
+        start = time.perf_counter()
+        model.generate(prompt, do_sample=False, max_new_tokens=decode_steps + 1, min_new_tokens=decode_steps + 1,
+                       streamer=streamer)
+        first_tokens.append(streamer.times[1] - start)
+        generate_steps += step_times(streamer.times[1:])
+    return {"prefill_tok_s": median(prefills), "forward_ms": median(forward_steps) * 1000,
+            "generate_ttft_s": median(first_tokens), "generate_ms": median(generate_steps) * 1000}
 
 
 def run_one(args) -> dict:
@@ -149,7 +159,7 @@ def main():
     parser.add_argument("--dtypes", default="fp32,bf16,fp16,int8,int4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--decode-steps", type=int, default=16, help="decoding steps per round (3 rounds)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one dtype in this process
     args = parser.parse_args()
     if args.one:

@@ -81,6 +81,16 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return torch.where(torch.isfinite(scores).all(), scores, replacement)
 
 
+def check_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
+    """A prompt's [B, L] padding mask (1/True = token) as int64, refusing what it cannot mean here: GLM
+    generates at the right end, so padding must be on the left (the tokenizer pads so)."""
+    padding_mask = padding_mask.long()
+    if bool((padding_mask[:, 1:] < padding_mask[:, :-1]).any()):
+        raise ValueError("attention_mask pads on the right; ChatGLM needs left padding (the tokenizer's "
+                         "padding side), since generation continues at the right end.")
+    return padding_mask
+
+
 class PrefixEmbedding(nn.Embedding):
     """The prefix encoder's table (its own class so that initialisation can tell it apart)."""
 
@@ -110,10 +120,19 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim, self.base = dim, base
         # Part of the original state dict, rounded to fp16 there: the same rounding gives the same logits.
+        # Held in fp32 whatever the model's dtype (see _apply).
         self.register_buffer("inv_freq", self.compute_inv_freq())
 
     def compute_inv_freq(self) -> torch.Tensor:
-        return (1.0 / (self.base ** (torch.arange(0, self.dim, 2).float() / self.dim))).half()
+        return (1.0 / (self.base ** (torch.arange(0, self.dim, 2).float() / self.dim))).half().float()
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast the frequencies too: in bf16 they are 0.4% off, and angles near
+        # position 2000 drift by whole radians. Follow device moves, keep fp32.
+        super()._apply(fn, recurse)
+        if self.inv_freq.is_floating_point() and self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            self.inv_freq = self.compute_inv_freq().to(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: torch.LongTensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, L] -> cos, sin [B, L, 1, dim] in fp32 (the original's fp16 tables lose
@@ -174,6 +193,7 @@ class SelfAttention(nn.Module):
                 scores = scores + attention_bias
             probs = F.softmax(scores.float(), dim=-1).to(v.dtype)
             context = probs @ v
+            probs = probs.reshape(B * self.num_heads, L, -1)  # the original's layout: [B * nh, L, keys]
         else:
             probs = None
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
@@ -220,6 +240,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
+    # A base checkpoint has no P-Tuning prefix: it is new (or comes from a P-Tuning checkpoint right after).
+    _keys_to_ignore_on_load_missing = [r"prefix_encoder\."]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -328,19 +350,31 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             cache = DynamicCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
 
-        # Masks and positions are derived from the prompt on the first step only, as in the original;
-        # later steps get them from generate() or attend to everything.
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            padding_mask = attention_mask  # [B, past + L], 1 = token, 0 = padding
-            attention_mask = self.get_masks(input_ids, padding_mask) if past_length == 0 else \
-                (padding_mask[:, None, None, :] == 0)
-        else:
-            padding_mask = None
-            if attention_mask is None and past_length == 0 and input_ids is not None:
-                attention_mask = self.get_masks(input_ids)
+        # attention_mask is either a padding mask [B, past + L] in Hugging Face's sense (1 or True = token,
+        # 0 = left padding) or the GLM mask [B, 1, L, L] / [B, L, L] (bool, True = blocked) the tokenizer
+        # builds. Masks and positions are derived from the prompt on the first step only, as in the
+        # original; later steps get them from generate() or attend to everything.
+        padding_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if past_length == 0:
+                padding_mask = check_padding_mask(attention_mask)
+                attention_mask = self.get_masks(input_ids, padding_mask)
+            else:  # [B, past + L] while decoding: the padding stays blocked
+                attention_mask = attention_mask[:, None, None, :] == 0
+        elif attention_mask is not None:
+            if attention_mask.dtype != torch.bool or attention_mask.dim() not in (3, 4):
+                raise ValueError(f"attention_mask must be a padding mask [batch, length] or the tokenizer's GLM mask "
+                                 f"(bool [batch, 1, length, length], True = blocked); got {attention_mask.dtype} "
+                                 f"{list(attention_mask.shape)}.")
+            attention_mask = attention_mask if attention_mask.dim() == 4 else attention_mask[:, None]
+        elif past_length == 0 and input_ids is not None:
+            attention_mask = self.get_masks(input_ids)
         if position_ids is None:
             if input_ids is None:
                 raise ValueError("position_ids are required with inputs_embeds.")
+            if past_length:
+                raise ValueError("position_ids are required when decoding with a cache: a new token's GLM position "
+                                 "depends on the whole prompt (generate() passes them).")
             position_ids = self.get_position_ids(input_ids, padding_mask)
 
         prefix_keys = prefix_values = None
@@ -491,11 +525,21 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                       "logits_processor": logits_processor, **kwargs}
         if do_sample:
             gen_kwargs.update(top_p=top_p, temperature=temperature)
-        inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
-        return inputs, gen_kwargs
+        # What users wrote is text, even where it spells a control token ("<sop>", "[gMASK]"): only
+        # build_inputs_with_special_tokens adds the prompt's [gMASK] <sop>.
+        inputs = tokenizer([build_prompt(query, history)], return_tensors="pt", split_special_tokens=True)
+        prompt_length = inputs["input_ids"].shape[1]
+        if "max_new_tokens" not in kwargs and prompt_length >= max_length:
+            raise ValueError(f"the prompt is {prompt_length} tokens and leaves no room for a reply within "
+                             f"max_length={max_length}: shorten the conversation or raise max_length.")
+        return inputs.to(self.device), gen_kwargs
 
     def _chat_response(self, tokenizer, inputs, output_ids) -> str:
         return process_response(tokenizer.decode(output_ids[0, inputs["input_ids"].shape[1]:].tolist()))
+
+    def process_response(self, response: str) -> str:
+        """The original's post-processing of a reply, as a method like the original's."""
+        return process_response(response)
 
     @torch.inference_mode()
     def chat(self, tokenizer, query: str, history: Optional[List[Tuple[str, str]]] = None,
@@ -523,14 +567,26 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         """Yields the sequences [B, L + n] after every new token (see streaming.stream_generate)."""
         return stream_generate(self, input_ids, **kwargs)
 
-    def quantize(self, bits: int, empty_init: bool = False, **kwargs):
-        """Weight-only INT8/INT4 in the original checkpoint format; returns the model for chaining."""
-        if bits == 0 or self.quantized:
+    def quantize(self, bits: int, quantize_embeddings: bool = False, use_quantization_cache: bool = False,
+                 empty_init: bool = False, **kwargs):
+        """Weight-only INT8/INT4 in the original checkpoint format; returns the model for chaining. The
+        signature is the original -qe checkpoints' (a superset of chatglm-6b's `quantize(bits, empty_init)`,
+        whose empty_init is passed by name): quantize_embeddings also quantizes the word embeddings and
+        lm_head. use_quantization_cache is accepted and has nothing to do here."""
+        if bits == 0:
+            return self
+        if bits not in (4, 8):
+            raise ValueError(f"quantize({bits!r}): only 4 and 8 bits are supported.")
+        if self.quantized:
+            if bits != self.config.quantization_bit or quantize_embeddings and not self.config.quantization_embeddings:
+                raise ValueError(f"the model is already quantized to {self.config.quantization_bit} bits"
+                                 f"{' with its embeddings' if self.config.quantization_embeddings else ''}: "
+                                 "load the float checkpoint to quantize it otherwise.")
             return self
         from .quantization import quantize
 
         self.config.quantization_bit = bits
-        quantize(self, bits, empty_init=empty_init,
-                 quantize_embeddings=self.config.quantization_embeddings, **kwargs)
+        self.config.quantization_embeddings = quantize_embeddings = quantize_embeddings or self.config.quantization_embeddings
+        quantize(self, bits, empty_init=empty_init, quantize_embeddings=quantize_embeddings, **kwargs)
         self.quantized = True
         return self

@@ -118,6 +118,13 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def __init__(self, vocab_file, do_lower_case=False, remove_space=False, bos_token="<sop>", eos_token="<eop>",
                  end_token="</s>", mask_token="[MASK]", gmask_token="[gMASK]", padding_side="left",
                  pad_token="<pad>", unk_token="<unk>", num_image_tokens=20000, **kwargs):
+        # transformers 5 hands tokenizer_config.json's non-standard *_token keys over as special tokens of
+        # the base class; the original's end_token and gmask_token are plain attributes (never split out of
+        # text, not in all_special_tokens).
+        specific = dict(kwargs.pop("model_specific_special_tokens", None) or {})
+        end_token, gmask_token = specific.pop("end_token", end_token), specific.pop("gmask_token", gmask_token)
+        if specific:
+            kwargs["model_specific_special_tokens"] = specific
         self.vocab_file = vocab_file
         self.do_lower_case = do_lower_case
         self.remove_space = remove_space
@@ -158,9 +165,13 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             text = text.lower()
         return text
 
-    def tokenize(self, text: str, **kwargs) -> List[str]:
+    def tokenize(self, text: str, split_special_tokens: Optional[bool] = None, **kwargs) -> List[str]:
         """Split on the special tokens first (stripping the whitespace around them, as the original
-        transformers 4.27 tokenizer did), then SentencePiece on each piece of text between them."""
+        transformers 4.27 tokenizer did), then SentencePiece on each piece of text between them. With
+        split_special_tokens, text that spells a special token is text: chat() encodes what users write
+        so, and a user's "<sop>" cannot end the prompt early."""
+        if split_special_tokens if split_special_tokens is not None else self.split_special_tokens:
+            return self._tokenize(text)
         specials = sorted({self.bos_token, self.eos_token, self.unk_token, self.pad_token, self.mask_token},
                           key=len, reverse=True)
         chunks = re.split("(" + "|".join(re.escape(s) for s in specials) + ")", text)
@@ -210,6 +221,14 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             ids = ids + token_ids_1 + [self.eos_token_id]
         return ids
 
+    def prepare_for_model(self, ids, pair_ids=None, padding=False, return_attention_mask=None, **kwargs):
+        # As the original (transformers 4.27): one unpadded text is input_ids alone; the GLM mask and
+        # positions come with padding, or when asked for.
+        if return_attention_mask is None and padding in (False, None, "do_not_pad", PaddingStrategy.DO_NOT_PAD):
+            return_attention_mask = False
+        return super().prepare_for_model(ids, pair_ids=pair_ids, padding=padding,
+                                         return_attention_mask=return_attention_mask, **kwargs)
+
     def _pad(self, encoded_inputs: Union[Dict[str, EncodedInput], BatchEncoding], max_length: Optional[int] = None,
              padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD, pad_to_multiple_of: Optional[int] = None,
              padding_side: Optional[str] = None, return_attention_mask: Optional[bool] = None) -> dict:
@@ -222,7 +241,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
             max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
 
-        if return_attention_mask is not False:
+        # The GLM mask is [L, L]: built only when asked for or when padding a batch (where lengths are
+        # bounded), never for one raw text, whose length nothing has checked yet (the original returned
+        # input_ids alone there too).
+        if return_attention_mask or (return_attention_mask is None and padding_strategy != PaddingStrategy.DO_NOT_PAD):
             if "attention_mask" not in encoded_inputs or np.ndim(encoded_inputs["attention_mask"]) != 3:
                 encoded_inputs["attention_mask"] = glm_attention_mask(ids, self.bos_token_id)
             if "position_ids" not in encoded_inputs:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .loading import CheckpointError, load_model_and_tokenizer, weight_names
+from .loading import CheckpointError, load_model_and_tokenizer, prefix_shape, weight_names
 
 
 def checkpoint_kind(checkpoint: str) -> str:
@@ -53,7 +53,8 @@ def load_finetuned(checkpoint: Optional[str] = None, model_path: Optional[str] =
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
             recorded = json.load(f)
-    pre_seq_len = pre_seq_len or recorded.get("pre_seq_len")
+    shape = prefix_shape(checkpoint)
+    pre_seq_len = pre_seq_len or recorded.get("pre_seq_len") or (shape[0] if shape else None)
     if prefix_projection is None:
         prefix_projection = recorded.get("prefix_projection", False)
     model, tokenizer = load_model_and_tokenizer(model_path, quantize=quantize, ptuning_checkpoint=checkpoint,

@@ -38,6 +38,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or unreadable; the message is one line for the user."""
 
 
+# Raised while loading, these are not the checkpoint's fault and keep their traceback.
+PROGRAM_ERRORS = (TypeError, AttributeError, NameError, AssertionError, MemoryError, torch.OutOfMemoryError,
+                  NotImplementedError, RecursionError)
+
+
 # ---- formats ----------------------------------------------------------------------------------------
 
 def resolve_checkpoint(model_path: str) -> str:
@@ -49,8 +54,10 @@ def resolve_checkpoint(model_path: str) -> str:
             if not os.path.isfile(os.path.join(expanded, required)):
                 raise CheckpointError(f"{model_path!r} is not a ChatGLM checkpoint: it has no {required}.")
         return expanded
-    if os.path.exists(expanded) or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
-        raise CheckpointError(f"model path {model_path!r} is not a checkpoint directory.")
+    if os.path.exists(expanded):
+        raise CheckpointError(f"model path {model_path!r} is a file, not a checkpoint directory.")
+    if model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
+        raise CheckpointError(f"model path {model_path!r} does not exist.")
     return model_path
 
 
@@ -89,6 +96,21 @@ def read_weights(file: str) -> Iterator[Tuple[str, torch.Tensor]]:
         for name, tensor in torch.load(file, map_location="cpu", mmap=True, weights_only=True).items():
             yield name, tensor
             drop_mapped_pages(tensor)  # the caller has copied what it needed by now
+
+
+def prefix_shape(checkpoint: str) -> Optional[Tuple[int, int]]:
+    """[pre_seq_len, width] of a P-Tuning checkpoint's prefix table, read without loading it, or None."""
+    path = single_weight_file(checkpoint)
+    name = "transformer.prefix_encoder.embedding.weight"
+    if path is None:
+        return None
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape()) if name in f.keys() else None
+    tensor = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get(name)
+    return None if tensor is None else tuple(tensor.shape)
 
 
 def weight_names(checkpoint: str) -> List[str]:
@@ -139,6 +161,17 @@ def drop_mapped_pages(tensor: torch.Tensor) -> None:
 
 # ---- loading ----------------------------------------------------------------------------------------
 
+def expected_shape(module: torch.nn.Module, attr: str) -> Optional[Tuple[int, ...]]:
+    """The shape a checkpoint tensor must have to fill module.attr; a quantized linear's weight is filled
+    from a float [out, in] one."""
+    from chatglm_6b.quantization import QuantizedLinear
+
+    if isinstance(module, QuantizedLinear) and attr == "weight":
+        return module.out_features, module.in_features
+    tensor = module._parameters.get(attr, module._buffers.get(attr))
+    return None if tensor is None else tuple(tensor.shape)
+
+
 def load_and_quantize(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dtype):
     """Loads a float checkpoint and quantizes it on the way: the model is built with empty INT8/INT4 layers
     and each float weight is quantized as it is read, shard by shard, so peak memory stays near the
@@ -160,14 +193,20 @@ def load_and_quantize(path: str, config: ChatGLMConfig, bits: int, dtype: torch.
                 continue
             if tied and name == "lm_head.weight":  # the word embeddings, once more
                 continue
-            if attr in module._buffers:  # rotary inv_freq: kept as stored (fp16-rounded, as the original)
-                module._buffers[attr] = tensor.clone()
+            expected = expected_shape(module, attr)
+            if expected is not None and tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint but {list(expected)} in "
+                                      "a model of its config.json: the config does not describe these weights.")
+            if attr in module._buffers:  # rotary inv_freq (fp16-rounded in the original; fp32 here)
+                module._buffers[attr] = tensor.float()
             elif isinstance(module, QuantizedLinear) and attr == "weight" and tensor.is_floating_point():
                 set_quantized_weight(module, tensor, dtype)
             else:
                 value = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)  # one copy, off the file
                 module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
         release_freed_memory()
+    if unexpected:
+        logger.warning("%d weights of %s are not used by the model, e.g. %s", len(unexpected), path, sorted(unexpected)[0])
     if tied:
         model.lm_head.weight = model.transformer.word_embeddings.weight
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -181,8 +220,50 @@ def load_and_quantize(path: str, config: ChatGLMConfig, bits: int, dtype: torch.
     return model, {"missing_keys": [n for n in missing if "prefix_encoder" not in n], "unexpected_keys": unexpected}
 
 
+def available_memory() -> Optional[int]:
+    """Bytes of memory the OS could give this process now (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def float_weight_bytes(config: ChatGLMConfig, dtype: torch.dtype) -> int:
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    unique = {id(p): p for p in model.parameters()}.values()  # lm_head shares the word embeddings
+    return sum(p.numel() for p in unique) * torch.empty((), dtype=dtype).element_size()
+
+
+def dtype_that_fits(config: ChatGLMConfig, dtype: torch.dtype, explicit: bool) -> torch.dtype:
+    """The CPU dtype to load in: the default fp32 turns into bf16 when fp32 weights would not fit in the
+    memory there is (ChatGLM-6B: 24.7 GB in fp32, 12.3 GB in bf16); a model that fits in neither stops
+    here, before anything is read, with the options that would make it fit."""
+    available = available_memory()
+    if available is None:
+        return dtype
+    needed = float_weight_bytes(config, dtype)
+    if needed < 0.9 * available:
+        return dtype
+    half = float_weight_bytes(config, torch.bfloat16)
+    if not explicit and half < 0.9 * available:
+        logger.warning("fp32 weights would take %.1f GB of the %.1f GB of free memory: loading in bf16 "
+                       "(--dtype fp32 insists on fp32)", needed / 1e9, available / 1e9)
+        return torch.bfloat16
+    raise CheckpointError(f"the weights need {needed / 1e9:.1f} GB in {str(dtype).split('.')[-1]} but {available / 1e9:.1f} GB "
+                          "of memory is free: load with --dtype bf16, --quantize 8 or --quantize 4 "
+                          "(INT4 needs about 4.5 GB for ChatGLM-6B).")
+
+
 def load_prefix_encoder(model: ChatGLMForConditionalGeneration, ptuning_checkpoint: str) -> None:
     """Loads the P-Tuning prefix encoder weights saved by ptuning/ (the only trained weights there)."""
+    shape = prefix_shape(ptuning_checkpoint)
+    expected = tuple(model.transformer.prefix_encoder.embedding.weight.shape)
+    if shape is not None and shape != expected:
+        raise CheckpointError(f"P-Tuning checkpoint {ptuning_checkpoint!r} holds a prefix of {shape[0]} tokens "
+                              f"(width {shape[1]}); the model was built for {expected[0]} (width {expected[1]}): "
+                              f"pass --pre-seq-len {shape[0]}, or leave it out.")
     file = single_weight_file(ptuning_checkpoint)
     if file is None:
         raise CheckpointError(f"no model.safetensors or pytorch_model.bin in P-Tuning checkpoint {ptuning_checkpoint!r}.")
@@ -207,6 +288,7 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
     """
     path = resolve_checkpoint(model_path or DEMO_MODEL_PATH)
     target = pick_device(device)
+    explicit_dtype = dtype is not None
     dtype = dtype or default_dtype(target)
     spread = num_gpus > 1 or device_map is not None
     if spread:
@@ -221,6 +303,11 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
             config.prefix_projection = prefix_projection
             if not config.pre_seq_len:
                 raise CheckpointError("a P-Tuning checkpoint needs --pre-seq-len (the PRE_SEQ_LEN it was trained with).")
+        if quantize and config.quantization_bit and quantize != config.quantization_bit:
+            raise CheckpointError(f"checkpoint {model_path!r} is already quantized to {config.quantization_bit} bits: "
+                                  f"it cannot be quantized to {quantize}; load the float checkpoint for that.")
+        if target.type == "cpu" and not quantize and not config.quantization_bit:
+            dtype = dtype_that_fits(config, dtype, explicit_dtype)
         tokenizer = ChatGLMTokenizer.from_pretrained(path)
         if quantize and not config.quantization_bit and not spread:
             model, info = load_and_quantize(path, config, quantize, dtype)
@@ -231,7 +318,9 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
                 path, config=config, dtype=dtype, device_map=device_map, output_loading_info=True)
     except CheckpointError:
         raise
-    except Exception as error:  # every library error becomes one line naming the checkpoint
+    except PROGRAM_ERRORS:  # a bug or the machine running out of memory: the traceback says more than one line
+        raise
+    except Exception as error:  # what the libraries say about an unreadable checkpoint, in one line
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot load checkpoint {model_path or DEMO_MODEL_PATH!r}: {message}") from error
     missing = [k for k in info["missing_keys"] if "prefix_encoder" not in k]

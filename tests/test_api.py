@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import openai
@@ -254,7 +255,6 @@ BAD_REQUESTS = [
     ("/", {"prompt": "hi", "history": [["only one"]]}, 422, "history"),
     ("/", {"prompt": "hi", "history": [["a", 1]]}, 422, "history"),
     ("/", {"prompt": "hi", "history": [["a", "b", "c"]]}, 422, "history"),
-    ("/", {"prompt": "hi", "top_p": 0}, 422, "top_p"),
     ("/", {"prompt": "hi", "top_p": 1.5}, 422, "top_p"),
     ("/", {"prompt": "hi", "temperature": -0.1}, 422, "temperature"),
     ("/", {"prompt": "hi", "max_length": 0}, 422, "max_length"),
@@ -273,20 +273,29 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": MESSAGE, "temperature": -1}, 422, "temperature"),
     ("/v1/chat/completions", {"messages": MESSAGE, "temperature": 2.5}, 422, "temperature"),
-    ("/v1/chat/completions", {"messages": MESSAGE, "top_p": 0}, 422, "top_p"),
     ("/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 0}, 422, "max_tokens"),
     ("/v1/chat/completions", {"messages": MESSAGE, "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
     ("/v1/chat/completions", {"messages": MESSAGE, "stop": [""]}, 422, "stop"),
     ("/v1/chat/completions", {"messages": MESSAGE, "stop": 7}, 422, "stop"),
     ("/v1/chat/completions", {"messages": MESSAGE, "stream": "maybe"}, 422, "stream"),
     ("/v1/chat/completions", {"messages": MESSAGE, "n": 2}, 422, "n"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "seed": 1}, 400, "seed"),
+    ("/v1/chat/completions", {"messages": MESSAGE, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     422, "messages.0.content"),
+    ("/", b"\xff\xfe not utf-8", 422, "body"),
+    ("/", "[" * 100_000 + "]" * 100_000, 400, "body"),
 ]
 
 
 @pytest.mark.parametrize("path, body, status, field", BAD_REQUESTS)
 def test_bad_input_is_a_4xx_naming_the_field(server, path, body, status, field):
-    data = body if isinstance(body, str) else json.dumps(body)
-    reply = requests.post(server.url + path, data=data.encode(), headers={"Content-Type": "application/json"},
+    data = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+    reply = requests.post(server.url + path, data=data, headers={"Content-Type": "application/json"},
                           timeout=60)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
@@ -354,5 +363,102 @@ def test_fuzz_no_server_errors(server, api_schema):
                                                        checks.response_schema_conformance])
 
         exchange()
-    assert len(sent) == 3 and sum(sent.values()) >= 500, sent
+    assert len(sent) == 5 and sum(sent.values()) >= 750, sent
     assert post(server, "/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 2}).status_code == 200
+
+
+# ---- hostile and careless clients -----------------------------------------------------------------
+
+def test_host_header_must_name_this_server(server):
+    """DNS rebinding: a page on evil.example that resolves to 127.0.0.1 sends its own Host header."""
+    evil = requests.get(server.url + "/v1/models", headers={"Host": f"evil.example:{server.port}"}, timeout=10)
+    assert evil.status_code == 400 and evil.json()["error"]["param"] == "host"
+    for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}"):
+        assert requests.get(server.url + "/v1/models", headers={"Host": host}, timeout=10).status_code == 200
+
+
+def test_the_key_is_checked_first_and_everywhere(keyed_server):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        reply = requests.get(keyed_server.url + path, timeout=10)
+        assert reply.status_code == 401 and reply.headers["WWW-Authenticate"] == "Bearer", path
+    malformed = requests.post(keyed_server.url + "/", data=b'{"prompt": ', timeout=10,
+                              headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 401  # not 422: nothing of the body is read without the key
+    with requests.post(keyed_server.url + "/", data=b"x" * (8 << 20), timeout=30,
+                       headers={"Content-Type": "application/json"}) as huge:
+        assert huge.status_code == 401
+
+
+def test_an_empty_api_key_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, API, "--api-key", ""], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
+    assert result.returncode == 2 and "--api-key" in result.stderr and "empty" in result.stderr
+
+
+def test_bodies_are_bounded_before_they_are_read(server):
+    big = json.dumps({"prompt": "长" * (2 << 20)}).encode()  # 6 MB
+    reply = requests.post(server.url + "/", data=big, headers={"Content-Type": "application/json"}, timeout=30)
+    assert reply.status_code == 413 and reply.json()["error"]["param"] == "body"
+
+    def chunks():  # no Content-Length: the limit holds while the body streams in
+        for _ in range(64):
+            yield b" " * (64 << 10)
+
+    reply = requests.post(server.url + "/", data=chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert reply.status_code == 413
+    long_prompt = post(server, "/", {"prompt": "长" * 100_000})  # under the body limit, over any context
+    assert long_prompt.status_code == 400 and long_prompt.json()["error"]["param"] == "prompt"
+    assert "characters" in long_prompt.json()["error"]["message"]
+    assert post(server, "/", {"prompt": "你好", "max_length": 24}).status_code == 200
+
+
+def test_nulls_and_openai_forms_are_accepted(server):
+    for body in ({"prompt": "你好", "history": None, "max_length": None, "top_p": None, "temperature": None},):
+        reply = post(server, "/", body)
+        assert reply.status_code == 200, reply.text
+    forms = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "你"}, {"type": "text", "text": "好"}]}]},
+             {"messages": [{"role": "developer", "content": "简短回答"}, *MESSAGE]},
+             {"messages": MESSAGE, "n": None, "stream": None, "presence_penalty": 0, "logprobs": False,
+              "response_format": {"type": "text"}, "tools": None}]
+    for body in forms:
+        reply = post(server, "/v1/chat/completions", {**body, "max_tokens": 4})
+        assert reply.status_code == 200, (body, reply.text)
+    parts = post(server, "/v1/chat/completions", {**forms[0], "temperature": 0, "max_tokens": 12}).json()
+    plain = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "你好"}], "temperature": 0,
+                                                   "max_tokens": 12}).json()
+    assert parts["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    top_p_zero = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "你好"}], "top_p": 0,
+                                                        "max_tokens": 12}).json()
+    assert top_p_zero["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+
+
+def test_models_by_id_and_head(server):
+    assert requests.get(server.url + "/v1/models/chatglm-6b", timeout=10).json()["id"] == "chatglm-6b"
+    missing = requests.get(server.url + "/v1/models/gpt-4", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    assert requests.head(server.url + "/v1/models", timeout=10).status_code == 200
+
+
+def test_stream_chunks_carry_no_nulls_and_usage_counts_no_end_token(server):
+    body = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "stream": True}
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=120) as reply:
+        lines = [line for line in reply.iter_lines() if line.startswith(b"data: {")]
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in lines if b'"choices":[{' in line]
+    assert deltas and all(None not in delta.values() for delta in deltas), deltas
+    whole = post(server, "/v1/chat/completions", {**body, "stream": False}).json()
+    content, tokens = whole["choices"][0]["message"]["content"], whole["usage"]["completion_tokens"]
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    cut = post(server, "/v1/chat/completions", {**body, "stream": False, "max_tokens": tokens - 1}).json()
+    full = post(server, "/v1/chat/completions", {**body, "stream": False, "max_tokens": tokens}).json()
+    assert cut["choices"][0]["message"]["content"] != content  # one token short of the reply
+    assert full["choices"][0]["message"]["content"] == content  # exactly the reply's tokens, <eop> not among them
+
+
+def test_stop_strings_match_the_text_as_the_model_wrote_it(server, tokenizer):
+    """process_response turns ',' next to Chinese into '，'; a stop of ',' must still match the model's ','."""
+    body = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 200}
+    raw = post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    if "，" not in raw:
+        pytest.skip("the reply has no comma to stop at")
+    stopped = post(server, "/v1/chat/completions", {**body, "stop": [","]}).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["message"]["content"] == raw[:raw.index("，")]

@@ -123,3 +123,31 @@ def test_stream_reprints_a_reply_whose_printed_part_changed(capsys):
 def test_ctrl_c_keeps_what_was_said(capsys):
     out, history = stream(capsys, ["Hi", "Hi,"], interrupt=True)
     assert out == "\nChatGLM：Hi,\n（回答已中断）\n" and history == [("问", "Hi,")]
+
+
+def run_bytes(stdin: bytes, *args):
+    return subprocess.run([sys.executable, SCRIPT, *args], input=stdin, capture_output=True, cwd=ROOT, env=ENV,
+                          timeout=180)
+
+
+@needs_demo_model
+def test_bad_input_loses_neither_the_line_after_nor_the_conversation():
+    """A line that is not UTF-8 is refused; a 1 MB line is told it does not fit; the next line is answered."""
+    result = run_bytes(b"\xff\xfe\n" + "长".encode() * 1_000_000 + b"\n\xe4\xbd\xa0\xe5\xa5\xbd\nstop\n", "--greedy")
+    out = result.stdout.decode("utf-8")
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert "不是有效的 UTF-8" in out and "leaves no room" in out
+    assert f"ChatGLM：{DEMO_REPLY}" in out
+
+
+def test_a_reader_that_goes_away_ends_the_program_quietly():
+    command = f"printf '你好\\n你好\\nstop\\n' | {sys.executable} {SCRIPT} --model-path {TINY} --greedy | head -c 100"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, encoding="utf-8", errors="replace",
+                            cwd=ROOT, env=ENV, timeout=180)
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+
+
+def test_help_shows_the_pipe_example_on_one_line():
+    result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                            timeout=120)
+    assert r"printf '你好\nstop\n' | python cli_demo.py --greedy" in result.stdout

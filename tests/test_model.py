@@ -229,7 +229,7 @@ def test_saved_directory_loads_with_auto_classes(tiny, tmp_path):
 
 
 def test_loader_reports_bad_checkpoints_in_one_line(tiny_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_model_and_tokenizer(str(tmp_path / "missing"))
     corrupt = shutil.copytree(tiny_dir, tmp_path / "corrupt")
     weights = corrupt / "model.safetensors"

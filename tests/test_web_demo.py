@@ -189,3 +189,30 @@ def test_stop_keeps_the_partial_reply_and_history_matches_the_page(servers, page
         send_and_stop(page, "你好")
         expect(user).to_have_count(1)
         expect(bot).to_have_count(1)
+
+
+class FailingModel:
+    """stream_chat records its sampling options, yields a partial reply, then fails."""
+
+    def __init__(self):
+        self.calls = []
+
+    def stream_chat(self, tokenizer, query, history, **kwargs):
+        self.calls.append(kwargs)
+        yield "半", history + [(query, "半")]
+        raise ValueError("the prompt is 9999 tokens and leaves no room for a reply")
+
+
+def test_a_failed_reply_leaves_the_conversation_as_it_was(monkeypatch):
+    import gradio as gr
+
+    from web_demo import make_predict, to_messages
+
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message: warnings.append(message))
+    model = FailingModel()
+    earlier = [("你好", "你好！")]
+    outputs = list(make_predict(model, None)("再说一遍", 0, 0.7, 0.0, earlier))
+    assert outputs[-1] == (to_messages(earlier), earlier)  # the failed turn is gone: the next question works
+    assert warnings and "leaves no room" in warnings[0]
+    assert model.calls[0]["do_sample"] is False and model.calls[0]["max_length"] == 1  # temperature 0: greedy
