@@ -60,6 +60,9 @@ class DataTrainingArguments:
     validation_file: Optional[str] = field(default=None, metadata={"help": "JSON lines (or CSV) data for --do_eval"})
     test_file: Optional[str] = field(default=None, metadata={"help": "JSON lines (or CSV) data for --do_predict"})
     overwrite_cache: bool = field(default=False, metadata={"help": "re-tokenise instead of using the datasets cache"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "accepted as in the original's scripts (transformers 5 dropped the flag): "
+                                         "the output directory is written into whether or not it exists"})
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "processes for tokenising"})
     max_source_length: int = field(default=1024, metadata={"help": "prompt tokens, [gMASK] included; longer "
                                                                    "prompts are truncated"})

@@ -197,6 +197,11 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments,
         for name, default in IGNORED_OPTIONS.items():
             if hasattr(args, name) and getattr(args, name) != default:
                 logger.warning(f"--{name} is accepted for compatibility and ignored.")
+    if training_args.device.type == "cpu":  # the original's scripts say --fp16 for their GPUs
+        for flag in ("fp16", "fp16_full_eval"):
+            if getattr(training_args, flag):
+                logger.warning(f"--{flag} needs a GPU: on this CPU the model trains and evaluates in fp32.")
+                setattr(training_args, flag, False)
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         sys.exit("error: nothing to do: pass --do_train, --do_eval and/or --do_predict.")
     if model_args.pre_seq_len and model_args.lora_rank:

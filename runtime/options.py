@@ -18,21 +18,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The model options every front-end takes."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--model-path", default=None,
+    group = parser.add_argument_group("model", "the original ptuning/web_demo.sh's spellings (--model_name_or_path, "
+                                               "--ptuning_checkpoint, --pre_seq_len, --quantization_bit) work too")
+    group.add_argument("--model-path", "--model_name_or_path", dest="model_path", default=None,
                        help="checkpoint directory or hub id (default: the demo checkpoint in demo_model/; "
                             "THUDM/chatglm-6b for the real model)")
-    group.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="weight-only INT4 or INT8")
+    group.add_argument("--quantize", "--quantization_bit", dest="quantize", type=int, choices=[4, 8], default=None,
+                       help="weight-only INT4 or INT8")
     group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                        help="auto picks CUDA, then MPS, then CPU")
     group.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                        help="dtype of the unquantized weights and activations (default: fp16 on GPUs, fp32 on "
                             "CPU; bf16 halves a CPU model's memory)")
     group.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
-    group.add_argument("--ptuning-checkpoint", default=None,
+    group.add_argument("--ptuning-checkpoint", "--ptuning_checkpoint", dest="ptuning_checkpoint", default=None,
                        help="a checkpoint from ptuning/: P-Tuning v2 prefix, LoRA adapter or full fine-tune")
-    group.add_argument("--pre-seq-len", type=int, default=None,
-                       help="PRE_SEQ_LEN of a P-Tuning checkpoint (default: what its config.json records)")
+    group.add_argument("--pre-seq-len", "--pre_seq_len", dest="pre_seq_len", type=int, default=None,
+                       help="PRE_SEQ_LEN of a P-Tuning checkpoint (default: what the checkpoint records)")
     return parser
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -234,3 +235,102 @@ def test_gradient_accumulation_averages_the_loss(tmp_path):
         log = read_json(f"{out}/trainer_state.json")["log_history"]
         losses.append(next(entry["loss"] for entry in log if "loss" in entry))
     assert abs(losses[0] - losses[1]) < 0.5, losses
+
+
+# ---- the original's own command lines ---------------------------------------------------------------
+# Each is the argument list of one of the original's ptuning/*.sh, adapted only in paths, model, sizes and
+# step counts (and --use_cpu, since this machine has no GPU).
+
+def original_train_sh(out):
+    return ["--do_train", "--train_file", f"{ADGEN}/train.json", "--validation_file", f"{ADGEN}/dev.json",
+            "--prompt_column", "content", "--response_column", "summary", "--overwrite_cache",
+            "--model_name_or_path", TINY, "--output_dir", out, "--overwrite_output_dir", "--max_source_length", "64",
+            "--max_target_length", "64", "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1",
+            "--gradient_accumulation_steps", "2", "--predict_with_generate", "--max_steps", "2", "--logging_steps",
+            "10", "--save_steps", "2", "--learning_rate", "2e-2", "--pre_seq_len", "8", "--quantization_bit", "4"]
+
+
+def original_evaluate_sh(out, checkpoint):
+    return ["--do_predict", "--validation_file", f"{ADGEN}/dev.json", "--test_file", f"{ADGEN}/dev.json",
+            "--overwrite_cache", "--prompt_column", "content", "--response_column", "summary",
+            "--model_name_or_path", TINY, "--ptuning_checkpoint", checkpoint, "--output_dir", out,
+            "--overwrite_output_dir", "--max_source_length", "64", "--max_target_length", "64",
+            "--per_device_eval_batch_size", "1", "--predict_with_generate", "--pre_seq_len", "8",
+            "--quantization_bit", "4"]
+
+
+def original_train_chat_sh(out):
+    return ["--do_train", "--train_file", f"{CHAT}/train.json", "--validation_file", f"{CHAT}/dev.json",
+            "--prompt_column", "prompt", "--response_column", "response", "--history_column", "history",
+            "--overwrite_cache", "--model_name_or_path", TINY, "--output_dir", out, "--overwrite_output_dir",
+            "--max_source_length", "256", "--max_target_length", "256", "--per_device_train_batch_size", "1",
+            "--per_device_eval_batch_size", "1", "--gradient_accumulation_steps", "2", "--predict_with_generate",
+            "--max_steps", "2", "--logging_steps", "10", "--save_steps", "2", "--learning_rate", "2e-2",
+            "--pre_seq_len", "8", "--quantization_bit", "4"]
+
+
+def original_ds_train_finetune_sh(out):  # the arguments after `deepspeed ... main.py --deepspeed deepspeed.json`
+    return ["--do_train", "--train_file", f"{ADGEN}/train.json", "--test_file", f"{ADGEN}/dev.json",
+            "--prompt_column", "content", "--response_column", "summary", "--overwrite_cache",
+            "--model_name_or_path", TINY, "--output_dir", out, "--overwrite_output_dir", "--max_source_length", "64",
+            "--max_target_length", "64", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "1",
+            "--gradient_accumulation_steps", "1", "--predict_with_generate", "--max_steps", "2", "--logging_steps",
+            "10", "--save_steps", "2", "--learning_rate", "1e-4", "--fp16"]
+
+
+def original_evaluate_finetune_sh(out, checkpoint):
+    return ["--do_predict", "--validation_file", f"{ADGEN}/dev.json", "--test_file", f"{ADGEN}/dev.json",
+            "--overwrite_cache", "--prompt_column", "content", "--response_column", "summary",
+            "--model_name_or_path", checkpoint, "--output_dir", out, "--overwrite_output_dir",
+            "--max_source_length", "64", "--max_target_length", "64", "--per_device_eval_batch_size", "1",
+            "--predict_with_generate", "--fp16_full_eval"]
+
+
+def run_original(argv, tmp_path, samples=("--max_train_samples", "4", "--max_predict_samples", "2")):
+    return ptuning_main.main(argv + ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none",
+                                     "--cache_dir", str(tmp_path / "cache"), *samples])
+
+
+def test_the_original_scripts_argument_lists_run(tmp_path):
+    pt, chat, ft = str(tmp_path / "pt"), str(tmp_path / "chat"), str(tmp_path / "ft")
+    run_original(original_train_sh(pt), tmp_path)
+    assert checkpoint_kind(f"{pt}/checkpoint-2") == "ptuning"
+    run_original(original_train_sh(pt), tmp_path)  # again into the same directory, as --overwrite_output_dir says
+    run_original(original_evaluate_sh(pt, f"{pt}/checkpoint-2"), tmp_path)
+    assert len(predictions(pt)) == 2
+    run_original(original_train_chat_sh(chat), tmp_path)
+    assert checkpoint_kind(f"{chat}/checkpoint-2") == "ptuning"
+    run_original(original_ds_train_finetune_sh(ft), tmp_path)  # --fp16 on a CPU: fp32, with a warning
+    assert checkpoint_kind(f"{ft}/checkpoint-2") == "full"
+    run_original(original_evaluate_finetune_sh(ft, f"{ft}/checkpoint-2"), tmp_path)
+    assert len(predictions(ft)) == 2
+
+
+def test_the_original_web_demo_sh_command_line(tmp_path):
+    """`python3 web_demo.py --model_name_or_path ... --ptuning_checkpoint ... --pre_seq_len N` in ptuning/."""
+    import argparse
+
+    from runtime.options import add_model_args
+
+    args = add_model_args(argparse.ArgumentParser()).parse_args(
+        ["--model_name_or_path", TINY, "--ptuning_checkpoint", "ckpt", "--pre_seq_len", "8", "--quantization_bit", "4"])
+    assert (args.model_path, args.ptuning_checkpoint, args.pre_seq_len, args.quantize) == (TINY, "ckpt", 8, 4)
+    result = subprocess.run([sys.executable, "web_demo.py", "--help"], cwd=os.path.join(ROOT, "ptuning"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--model_name_or_path" in result.stdout, result.stderr[-2000:]
+
+
+def test_the_same_seed_gives_the_same_curve_and_metrics(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        run_main("--do_train", "--do_predict", "--predict_with_generate", train_file=f"{ADGEN}/train.json",
+                 test_file=f"{ADGEN}/dev.json", output_dir=out, cache_dir=f"{out}/cache", pre_seq_len=4,
+                 learning_rate=0.5, max_steps=6, save_steps=6, logging_steps=1, max_train_samples=8,
+                 per_device_train_batch_size=2, max_predict_samples=4, per_device_eval_batch_size=2,
+                 generation_max_length=96)
+        losses = [entry["loss"] for entry in read_json(f"{out}/trainer_state.json")["log_history"] if "loss" in entry]
+        metrics = {k: v for k, v in read_json(f"{out}/predict_results.json").items() if "runtime" not in k
+                   and "per_second" not in k}
+        runs.append((losses, metrics, predictions(out)))
+    assert len(runs[0][0]) == 6 and runs[0] == runs[1]
