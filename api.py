@@ -258,7 +258,7 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 500)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 500, 503)}
 
 
 class ApiError(Exception):
@@ -318,9 +318,19 @@ class ChatService:
         self.model, self.tokenizer = model, tokenizer
         self.context = model.config.max_sequence_length
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
+        self.closing = False  # set on SIGTERM: what has not started yet is answered 503
+
+    def refuse_if_closing(self) -> None:
+        if self.closing:
+            raise ApiError(503, "the server is shutting down: this request was not started; send it again to "
+                                "another instance or after the restart", kind="server_error")
 
     async def run(self, function: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.worker, self._with_gpu_cleanup, function, *args)
+        def started(*arguments):
+            self.refuse_if_closing()
+            return function(*arguments)
+
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._with_gpu_cleanup, started, *args)
 
     @staticmethod
     def _with_gpu_cleanup(function: Callable, *args):
@@ -340,6 +350,7 @@ class ChatService:
             if cancelled.is_set():  # the client left while waiting for its turn
                 return
             try:
+                self.refuse_if_closing()
                 with contextlib.closing(make_iterator()) as iterator:
                     for count, item in enumerate(iterator, 1):
                         loop.call_soon_threadsafe(items.put_nowait, (item, None))
@@ -516,6 +527,7 @@ def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: O
     service = ChatService(model, tokenizer)
     started = int(time.time())
     app = FastAPI(title="ChatGLM-6B API")
+    app.state.service = service
     app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
@@ -619,7 +631,20 @@ def main(argv=None) -> None:
     model, tokenizer = load_from_args(args)
     app = create_app(model, tokenizer, api_key=args.api_key, allowed_hosts=allowed_hosts,
                      max_body_bytes=args.max_body_bytes)
-    uvicorn.run(app, host=args.host, port=args.port)
+    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port), app.state.service).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM (or Ctrl-C) the request being generated finishes and the queued ones get 503 at once,
+    instead of the whole queue running before the process exits."""
+
+    def __init__(self, config: uvicorn.Config, service: ChatService):
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig, frame) -> None:
+        self.service.closing = True
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

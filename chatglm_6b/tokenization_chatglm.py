@@ -207,6 +207,20 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             token_ids = [i for i in token_ids if i not in self.all_special_ids]
         return self.convert_tokens_to_string([self.sp_tokenizer[i] for i in token_ids])
 
+    def without_partial_character(self, token_ids: List[int]) -> List[int]:
+        """token_ids less a trailing run of byte-fallback pieces (<0xNN>) that stops inside a UTF-8 character,
+        as a generation cut off at its length limit can: decoded, those bytes would show as U+FFFD."""
+        end = len(token_ids)
+        while end and re.fullmatch(r"<0x[0-9A-F]{2}>", self.sp_tokenizer[int(token_ids[end - 1])]):
+            end -= 1
+        tail = [int(self.sp_tokenizer[int(i)][3:5], 16) for i in token_ids[end:]]
+        for start in range(len(tail) - 1, max(-1, len(tail) - 4), -1):  # the last lead byte, if any
+            byte = tail[start]
+            if byte & 0xC0 != 0x80:  # not a continuation byte
+                needed = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4 if byte >> 3 == 30 else 1
+                return list(token_ids[:end + start]) if len(tail) - start < needed else list(token_ids)
+        return list(token_ids)
+
     def save_vocabulary(self, save_directory: str, filename_prefix: Optional[str] = None):
         name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
         path = os.path.join(save_directory, name) if os.path.isdir(save_directory) else save_directory

@@ -123,8 +123,11 @@ def prepare(raw_datasets, split: str, limit: Optional[int], encode, data_args: D
 # ---- metrics -------------------------------------------------------------------------------------------
 
 def decode(tokenizer, ids: np.ndarray) -> List[str]:
-    ids = np.where(ids < 0, tokenizer.pad_token_id, ids)  # -100: label padding and the trainer's batch padding
-    return [text.strip() for text in tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
+    """Texts of generated answers or reference labels. -100 (label padding, the trainer's batch padding) and
+    the special tokens are left out, and so is a character cut in half at the length limit."""
+    specials = set(tokenizer.all_special_ids)
+    rows = [[i for i in row if i >= 0 and i not in specials] for row in ids.tolist()]
+    return [tokenizer.decode(tokenizer.without_partial_character(row)).strip() for row in rows]
 
 
 def score(predictions: List[str], references: List[str]) -> Dict[str, float]:

@@ -462,3 +462,46 @@ def test_stop_strings_match_the_text_as_the_model_wrote_it(server, tokenizer):
         pytest.skip("the reply has no comma to stop at")
     stopped = post(server, "/v1/chat/completions", {**body, "stop": [","]}).json()["choices"][0]
     assert stopped["finish_reason"] == "stop" and stopped["message"]["content"] == raw[:raw.index("，")]
+
+
+def test_sigterm_finishes_the_running_reply_and_refuses_the_queued(tmp_path):
+    import signal
+    import threading
+
+    server = Server(["--model-path", TINY], str(tmp_path / "server.log"), str(tmp_path))
+    try:
+        streamed, answers = [], []
+        started = threading.Event()
+
+        def long_stream():
+            body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 2000, "temperature": 0,
+                    "stream": True}  # seconds of generation: the tiny random model never ends a reply
+            with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=120) as reply:
+                for line in reply.iter_lines():
+                    if b'"content":"' in line and b'"content":""' not in line:
+                        started.set()
+                    streamed.append(line)
+
+        def queued():
+            try:
+                answers.append(post(server, "/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 300,
+                                                                      "temperature": 0}).status_code)
+            except requests.ConnectionError:
+                answers.append("refused")
+
+        running = threading.Thread(target=long_stream)
+        running.start()
+        assert started.wait(60), server.log()  # generation is under way
+        waiting = [threading.Thread(target=queued) for _ in range(2)]
+        for thread in waiting:
+            thread.start()
+        time.sleep(1)  # both requests reach the queue
+        server.process.send_signal(signal.SIGTERM)
+        for thread in [running, *waiting]:
+            thread.join(120)
+        events = [line for line in streamed if line]
+        assert events and events[-1] == b"data: [DONE]", events[-3:]  # the running reply was finished
+        assert answers == [503, 503], (answers, server.log())
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    finally:
+        server.stop()

@@ -5,7 +5,9 @@ import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -102,6 +104,12 @@ def test_ptuning_resumes_from_a_checkpoint(ptuning_run, tmp_path):
     resumed = load_file(f"{tmp_path}/checkpoint-16/model.safetensors")
     assert torch.equal(resumed[PREFIX + "embedding.weight"],
                        load_file(f"{out}/checkpoint-16/model.safetensors")[PREFIX + "embedding.weight"])
+
+    def curve(directory):  # step -> loss of the steps after the checkpoint
+        log = read_json(f"{directory}/checkpoint-16/trainer_state.json")["log_history"]
+        return {entry["step"]: entry["loss"] for entry in log if "loss" in entry and entry["step"] > 8}
+
+    assert len(curve(tmp_path)) == 8 and curve(tmp_path) == curve(out)  # the same curve, step for step
 
 
 def test_predict_writes_predictions_and_metrics(ptuning_run):
@@ -334,3 +342,42 @@ def test_the_same_seed_gives_the_same_curve_and_metrics(tmp_path):
                    and "per_second" not in k}
         runs.append((losses, metrics, predictions(out)))
     assert len(runs[0][0]) == 6 and runs[0] == runs[1]
+
+
+def test_metrics_equal_the_originals_recorded_numbers():
+    """tests/fixtures/metrics_reference.json: what the original's compute_metrics gives on fixed pairs, among them
+    an empty prediction (the original raised there; we score 0) and one of punctuation only."""
+    recorded = read_json(os.path.join(ROOT, "tests", "fixtures", "metrics_reference.json"))["pairs"]
+    scored = [pair for pair in recorded if pair["original_error"] is None]
+    for pair in scored:
+        assert ptuning_main.score([pair["prediction"]], [pair["reference"]]) == pair["original"], pair["prediction"]
+    together = ptuning_main.score([p["prediction"] for p in scored], [p["reference"] for p in scored])
+    for name, value in together.items():
+        assert value == pytest.approx(sum(p["original"][name] for p in scored) / len(scored), abs=1e-9)
+    empty = next(pair for pair in recorded if pair["prediction"] == "")
+    assert "Hypothesis is empty" in empty["original_error"]
+    assert ptuning_main.score([""], [empty["reference"]]) == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0,
+                                                              "bleu-4": empty["original"]["bleu-4"]}
+
+
+def test_decoding_gives_no_replacement_character_for_valid_tokens():
+    """The demo vocabulary spells rare characters in byte-fallback pieces: every sample answer decodes back
+    whole, and an answer cut inside a character (a generation at its length limit) loses that character
+    rather than showing U+FFFD. (Bytes a model writes in an order that is no UTF-8 stay U+FFFD: they are
+    no character.)"""
+    from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
+
+    tokenizer = ChatGLMTokenizer.from_pretrained(os.path.join(ROOT, "demo_model"))
+    for path, column in ((f"{ADGEN}/dev.json", "summary"), (f"{ADGEN}/train.json", "summary"),
+                         (f"{CHAT}/dev.json", "response")):
+        with open(path, encoding="utf-8") as f:
+            answers = [json.loads(line)[column] for line in f]
+        for answer in answers:
+            ids = tokenizer.encode(answer, add_special_tokens=False)
+            # SentencePiece's NFKC normalisation is the one change (full-width "，" reads ",")
+            assert ptuning_main.decode(tokenizer, np.array([ids])) == [unicodedata.normalize("NFKC", answer).strip()]
+    ids = tokenizer.encode("碎花图案", add_special_tokens=False)  # 案 is three byte pieces here
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[-3:] == ["<0xE6>", "<0xA1>", "<0x88>"]
+    for cut in (1, 2):
+        assert ptuning_main.decode(tokenizer, np.array([ids[:-cut] + [-100] * cut])) == ["碎花图"]
