@@ -15,6 +15,7 @@
 Arguments are ModelArguments and DataTrainingArguments (arguments.py) and transformers' Seq2SeqTrainingArguments,
 on the command line or in one JSON file (`python main.py args.json`).
 """
+import importlib.util
 import json
 import logging
 import os
@@ -156,6 +157,11 @@ def score(predictions: List[str], references: List[str]) -> Dict[str, float]:
 # ---- main ----------------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[List[str]] = None):
+    given = sys.argv[1:] if argv is None else argv
+    if any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in given) \
+            and importlib.util.find_spec("deepspeed") is None:
+        sys.exit("error: --deepspeed needs the deepspeed package (pip install deepspeed; see ds_train_finetune.sh), "
+                 "which is not installed here.")
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))

@@ -308,6 +308,10 @@ def test_the_original_scripts_argument_lists_run(tmp_path):
     assert len(predictions(pt)) == 2
     run_original(original_train_chat_sh(chat), tmp_path)
     assert checkpoint_kind(f"{chat}/checkpoint-2") == "ptuning"
+    if shutil.which("deepspeed") is None:  # `--deepspeed deepspeed.json` without DeepSpeed: one line, no traceback
+        with pytest.raises(SystemExit, match="--deepspeed needs the deepspeed package"):
+            run_original(["--deepspeed", os.path.join(ROOT, "ptuning", "deepspeed.json"),
+                          *original_ds_train_finetune_sh(ft)], tmp_path)
     run_original(original_ds_train_finetune_sh(ft), tmp_path)  # --fp16 on a CPU: fp32, with a warning
     assert checkpoint_kind(f"{ft}/checkpoint-2") == "full"
     run_original(original_evaluate_finetune_sh(ft, f"{ft}/checkpoint-2"), tmp_path)
