@@ -61,16 +61,21 @@ def rows_per_block(row_length: int) -> int:
 
 
 def quantize_weight(weight: torch.Tensor, bits: int):
-    """float [out, in] -> (int8 [out, in * bits // 8], fp16 scale [out]), exactly the original format."""
+    """float [out, in] -> (int8 [out, in * bits // 8], fp16 scale [out]), exactly the original format.
+
+    One rule whatever dtype the weights come in: they are taken as fp16 (the dtype of the original
+    checkpoints) and scale and quotient are computed in fp16, as the original's `model.half().quantize(bits)`
+    does. (The original's result depended on the model's dtype at that moment: an fp32 CPU model divided in
+    fp32, and a few weights per thousand came out one step apart.)"""
     assert bits in (4, 8), "only 4-bit or 8-bit quantization is supported"
     qmax = 2 ** (bits - 1) - 1
     packed = torch.empty(weight.shape[0], weight.shape[1] * bits // 8, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.half, device=weight.device)
     step = rows_per_block(weight.shape[1])
     for n0 in range(0, weight.shape[0], step):
-        rows = weight[n0:n0 + step]
-        scale[n0:n0 + step] = rows_scale = (rows.abs().amax(dim=-1) / qmax).half()
-        # the original's arithmetic (w / fp16 scale, promoted to w's dtype); all-zero rows give q = 0
+        rows = weight[n0:n0 + step].half()
+        scale[n0:n0 + step] = rows_scale = rows.abs().amax(dim=-1) / qmax
+        # the original's fp16 arithmetic (w / scale); all-zero rows give q = 0
         div = torch.where(rows_scale == 0, torch.ones_like(rows_scale), rows_scale)
         q = torch.round(rows / div[:, None]).clamp_(-qmax - 1, qmax).to(torch.int8)
         packed[n0:n0 + step] = pack_int4(q) if bits == 4 else q
