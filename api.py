@@ -40,6 +40,7 @@ from typing import Annotated, Any, AsyncIterator, Callable, Dict, Iterator, List
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
@@ -526,7 +527,7 @@ def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: O
     """The application; allowed_hosts None answers every Host header."""
     service = ChatService(model, tokenizer)
     started = int(time.time())
-    app = FastAPI(title="ChatGLM-6B API")
+    app = FastAPIOffline(title="ChatGLM-6B API")  # /docs and /redoc with their assets served here, no CDN
     app.state.service = service
     app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
 

@@ -505,3 +505,13 @@ def test_sigterm_finishes_the_running_reply_and_refuses_the_queued(tmp_path):
         assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
     finally:
         server.stop()
+
+
+def test_docs_work_offline(server):
+    """/docs and /redoc load their scripts from this server, not from a CDN this machine may not reach."""
+    for page in ("/docs", "/redoc"):
+        html = requests.get(server.url + page, timeout=10).text
+        scripts = re.findall(r'src="([^"]+\.js)"', html)
+        assert scripts and all(src.startswith("/") for src in scripts), scripts
+        for src in scripts:
+            assert requests.get(server.url + src, timeout=10).status_code == 200, src
