@@ -9,6 +9,7 @@ import re
 
 import gradio as gr
 
+from runtime.generation import in_own_thread
 from runtime.options import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args
 
 LATEX_DELIMITERS = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
@@ -50,8 +51,10 @@ def make_predict(model, tokenizer, greedy: bool = False):
         yield to_messages(history + [(query, "")]), history + [(query, "")]
         sample = not greedy and temperature >= GREEDY_BELOW_TEMPERATURE and top_p > 0
         try:
-            for _, new_history in model.stream_chat(tokenizer, query, history, max_length=max(1, int(max_length)),
-                                                    top_p=top_p, temperature=temperature, do_sample=sample):
+            # Stop closes this generator on Gradio's event loop: the reply stops in its own thread.
+            for _, new_history in in_own_thread(lambda: model.stream_chat(
+                    tokenizer, query, history, max_length=max(1, int(max_length)), top_p=top_p,
+                    temperature=temperature, do_sample=sample)):
                 yield to_messages(new_history), new_history
         except Exception as error:  # noqa: BLE001 (any failure of one reply must not break the session)
             gr.Warning(f"出错 / Error: {error}")

@@ -216,3 +216,33 @@ def test_a_failed_reply_leaves_the_conversation_as_it_was(monkeypatch):
     assert outputs[-1] == (to_messages(earlier), earlier)  # the failed turn is gone: the next question works
     assert warnings and "leaves no room" in warnings[0]
     assert model.calls[0]["do_sample"] is False and model.calls[0]["max_length"] == 1  # temperature 0: greedy
+
+
+def test_stop_does_not_wait_for_the_model():
+    """Closing a reply (the page's Stop) returns while the model is still in its forward pass; the reply
+    ends in its own thread afterwards."""
+    import threading
+
+    from runtime.generation import in_own_thread
+
+    in_forward_pass, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_reply():
+        try:
+            yield "半"
+            in_forward_pass.set()
+            release.wait(30)  # a long forward pass
+            yield "半句"
+        finally:
+            finished.set()
+
+    reply = in_own_thread(slow_reply)
+    assert next(reply) == "半"
+    in_forward_pass.wait(10)
+    closer = threading.Thread(target=reply.close)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive(), "closing waited for the forward pass"
+    assert not finished.is_set()
+    release.set()
+    assert finished.wait(10)  # the reply was closed in its own thread once its step ended
