@@ -37,8 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Annotated, Any, AsyncIterator, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
+import h11
 import torch
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
@@ -620,6 +622,8 @@ def main(argv=None) -> None:
                              "--host is a loopback address, else any)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="longest request body; longer ones get 413")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a connection has to send a request's headers before it is closed")
     add_model_args(parser)
     args = parser.parse_args(argv)
     if args.api_key is not None and not args.api_key.strip():
@@ -632,7 +636,43 @@ def main(argv=None) -> None:
     model, tokenizer = load_from_args(args)
     app = create_app(model, tokenizer, api_key=args.api_key, allowed_hosts=allowed_hosts,
                      max_body_bytes=args.max_body_bytes)
-    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port), app.state.service).run()
+    HeaderDeadline.seconds = args.header_timeout
+    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, http=HeaderDeadline),
+                   app.state.service).run()
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's head: a connection that has not sent a whole
+    request line and headers within `seconds` (of connecting, or of its last response) is closed, so that
+    clients sending headers a byte at a time cannot hold connections forever."""
+    seconds = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        self.head_deadline = self.loop.call_later(self.seconds, self.timeout_keep_alive_handler)
+
+    def _disarm_deadline(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the request's head is complete
+            self._disarm_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._disarm_deadline()
+            self._arm_deadline()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_deadline()
+        super().connection_lost(exc)
 
 
 class DrainingServer(uvicorn.Server):

@@ -25,14 +25,28 @@ def to_markdown(text: str) -> str:
     return "".join(part if i % 2 else part.replace("&", "&amp;").replace("<", "&lt;") for i, part in enumerate(parts))
 
 
-def to_messages(history):
-    """The chatbot's messages, always derived from the model's history, so the two never disagree."""
+STOPPED_MARK = "（回答已中断）"  # as cli_demo.py shows it
+
+
+def to_messages(history, stopped=()):
+    """The chatbot's messages, always derived from the model's history, so the two never disagree; the
+    replies numbered in `stopped` were cut short by Stop and say so (on the page only: the model's
+    history holds what it said)."""
     messages = []
-    for query, response in history:
+    for turn, (query, response) in enumerate(history):
         messages.append({"role": "user", "content": to_markdown(query)})
         if response:
-            messages.append({"role": "assistant", "content": to_markdown(response)})
+            mark = f"\n\n{STOPPED_MARK}" if turn in stopped else ""
+            messages.append({"role": "assistant", "content": to_markdown(response) + mark})
     return messages
+
+
+def mark_stopped(history, stopped):
+    """Stop: the last reply is marked as cut short."""
+    if not history:
+        return gr.skip(), gr.skip()
+    stopped = sorted(set(stopped) | {len(history) - 1})
+    return to_messages(history, stopped), stopped
 
 
 # Below this, sampling picks the top token anyway (and 0 is not a temperature transformers accepts).
@@ -43,22 +57,22 @@ def make_predict(model, tokenizer, greedy: bool = False):
     """The page's reply function: streams (chatbot messages, history). A failure shows its message and
     leaves the conversation as it was before the question, so the next question works."""
 
-    def predict(query, max_length, top_p, temperature, history):
+    def predict(query, max_length, top_p, temperature, history, stopped=()):
         if not query.strip():
             yield gr.skip(), gr.skip()
             return
         # Show the question before the first token; Stop keeps whatever has been yielded so far.
-        yield to_messages(history + [(query, "")]), history + [(query, "")]
+        yield to_messages(history + [(query, "")], stopped), history + [(query, "")]
         sample = not greedy and temperature >= GREEDY_BELOW_TEMPERATURE and top_p > 0
         try:
             # Stop closes this generator on Gradio's event loop: the reply stops in its own thread.
             for _, new_history in in_own_thread(lambda: model.stream_chat(
                     tokenizer, query, history, max_length=max(1, int(max_length)), top_p=top_p,
                     temperature=temperature, do_sample=sample)):
-                yield to_messages(new_history), new_history
+                yield to_messages(new_history, stopped), new_history
         except Exception as error:  # noqa: BLE001 (any failure of one reply must not break the session)
             gr.Warning(f"出错 / Error: {error}")
-            yield to_messages(history), history
+            yield to_messages(history, stopped), history
 
     return predict
 
@@ -72,6 +86,7 @@ def build_demo(model, tokenizer, greedy: bool = False) -> gr.Blocks:
         chatbot = gr.Chatbot(show_label=False, height=480, latex_delimiters=LATEX_DELIMITERS, sanitize_html=True,
                              allow_tags=False, feedback_options=None, buttons=["copy", "copy_all"])
         history = gr.State([])  # [(query, response)] as the model sees it
+        stopped = gr.State([])  # the turns whose reply Stop cut short
         query = gr.State("")
         with gr.Row():
             with gr.Column(scale=4):
@@ -89,10 +104,11 @@ def build_demo(model, tokenizer, greedy: bool = False) -> gr.Blocks:
         # Empty the textbox at once (no queue), then stream the reply as a separate, cancellable step.
         submitted = gr.on([submit.click, user_input.submit], lambda text: ("", text), user_input, [user_input, query],
                           queue=False)
-        reply = submitted.then(predict, [query, max_length, top_p, temperature, history], [chatbot, history])
-        stop.click(None, cancels=[reply])
-        clear.click(lambda: ([], []), None, [chatbot, history], cancels=[reply])
-        chatbot.clear(lambda: [], None, history, cancels=[reply])  # the chatbot's own trash icon
+        reply = submitted.then(predict, [query, max_length, top_p, temperature, history, stopped], [chatbot, history])
+        # Marked once the cancel is through, so that no update of the stopped reply lands after the mark.
+        stop.click(None, cancels=[reply]).then(mark_stopped, [history, stopped], [chatbot, stopped])
+        clear.click(lambda: ([], [], []), None, [chatbot, history, stopped], cancels=[reply])
+        chatbot.clear(lambda: ([], []), None, [history, stopped], cancels=[reply])  # the chatbot's own trash icon
     return demo
 
 

@@ -515,3 +515,16 @@ def test_docs_work_offline(server):
         assert scripts and all(src.startswith("/") for src in scripts), scripts
         for src in scripts:
             assert requests.get(server.url + src, timeout=10).status_code == 200, src
+
+
+def test_slow_headers_are_cut_off(tmp_path):
+    import socket
+
+    server = Server(["--model-path", TINY, "--header-timeout", "1"], str(tmp_path / "server.log"), str(tmp_path))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as slow:
+            slow.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
+            assert slow.recv(1024) == b""  # closed by the server, within its deadline (the timeout is 15 s)
+        assert requests.get(server.url + "/v1/models", timeout=10).status_code == 200  # whole requests still served
+    finally:
+        server.stop()

@@ -170,6 +170,7 @@ def test_stop_keeps_the_partial_reply_and_history_matches_the_page(servers, page
     page.goto(servers["tiny"].wait())
     lengths, stopped = send_and_stop(page, "你好")
     assert len(lengths) > 1, "the reply did not stream in token by token"
+    assert stopped.endswith("（回答已中断）"), stopped[-40:]  # marked as cut short, as the CLI marks it
     # Greedy, the tiny checkpoint fills the whole 2048-token budget: about 2800 characters on the page.
     assert len(stopped) < 2000, f"the reply ran on to {len(stopped)} characters after Stop"
     time.sleep(1.5)  # a reply that ran on would have grown by hundreds of characters by now
