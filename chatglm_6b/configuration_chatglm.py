@@ -47,6 +47,7 @@ class ChatGLMConfig(PretrainedConfig):
         self.quantization_embeddings = quantization_embeddings
         self.pre_seq_len = pre_seq_len
         self.prefix_projection = prefix_projection
-        # The original ties lm_head to the word embeddings, except when both are quantized separately.
-        self.tie_word_embeddings = tie_word_embeddings and not quantization_embeddings
+        # lm_head is the word embeddings' table, also when both are quantized (-qe: they share the int4 table
+        # and its scales), so a -qe checkpoint holds no lm_head.* weights.
+        self.tie_word_embeddings = tie_word_embeddings
         super().__init__(**kwargs)

@@ -427,6 +427,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.quantized = False
         if config.quantization_bit:
             self.quantize(config.quantization_bit, empty_init=empty_init)
+        if config.quantization_embeddings and config.tie_word_embeddings:  # the quantized table's scales too
+            self._tied_weights_keys = {**type(self)._tied_weights_keys,
+                                       "lm_head.weight_scale": "transformer.word_embeddings.weight_scale"}
         self.post_init()
 
     def get_output_embeddings(self):

@@ -155,3 +155,24 @@ def test_one_quantization_rule_whatever_the_dtype_the_weights_come_in():
             q, got_scale = quantize_weight(weight, bits)
             assert torch.equal(got_scale, scale)
             assert torch.equal(unpack_int4(q) if bits == 4 else q, expected), (bits, weight.dtype)
+
+
+def test_a_qe_checkpoint_without_lm_head_reloads(fp32_demo, tmp_path):
+    """-qe: the word embeddings are quantized too and lm_head shares their int4 table and scales, so the
+    saved checkpoint holds no lm_head.* (as the original's -qe checkpoints); it reloads, here and through
+    transformers' remote code, and chats as before."""
+    from transformers import AutoModel
+
+    from safetensors import safe_open
+
+    model, tokenizer = load_model_and_tokenizer(device="cpu")
+    model.quantize(4, quantize_embeddings=True)
+    save_checkpoint(model, tokenizer, str(tmp_path / "qe"))
+    with safe_open(str(tmp_path / "qe" / "model.safetensors"), framework="pt") as f:
+        assert not [name for name in f.keys() if name.startswith("lm_head.")]
+    expected = model.chat(tokenizer, "你好", do_sample=False)[0]
+    reloaded, _ = load_model_and_tokenizer(str(tmp_path / "qe"), device="cpu")
+    assert reloaded.lm_head.weight_scale is reloaded.transformer.word_embeddings.weight_scale
+    assert reloaded.chat(tokenizer, "你好", do_sample=False)[0] == expected
+    remote = AutoModel.from_pretrained(str(tmp_path / "qe"), trust_remote_code=True, dtype=torch.float32).eval()
+    assert remote.chat(tokenizer, "你好", do_sample=False)[0] == expected
