@@ -238,6 +238,13 @@ class ChatCompletionChunk(BaseModel):
     usage: Optional[Usage] = None
 
 
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    generating: bool = Field(description="a reply is being generated now")
+    waiting: int = Field(description="requests queued behind it")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -322,6 +329,8 @@ class ChatService:
         self.context = model.config.max_sequence_length
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
         self.closing = False  # set on SIGTERM: what has not started yet is answered 503
+        self.waiting = 0  # requests queued for the worker (GET /health)
+        self.generating = False  # a reply is being generated now (GET /health)
 
     def refuse_if_closing(self) -> None:
         if self.closing:
@@ -330,9 +339,11 @@ class ChatService:
 
     async def run(self, function: Callable, *args):
         def started(*arguments):
+            self.waiting -= 1
             self.refuse_if_closing()
             return function(*arguments)
 
+        self.waiting += 1
         return await asyncio.get_running_loop().run_in_executor(self.worker, self._with_gpu_cleanup, started, *args)
 
     @staticmethod
@@ -350,10 +361,12 @@ class ChatService:
         done = object()
 
         def pump():
+            self.waiting -= 1
             if cancelled.is_set():  # the client left while waiting for its turn
                 return
             try:
                 self.refuse_if_closing()
+                self.generating = True
                 with contextlib.closing(make_iterator()) as iterator:
                     for count, item in enumerate(iterator, 1):
                         loop.call_soon_threadsafe(items.put_nowait, (item, None))
@@ -363,7 +376,10 @@ class ChatService:
                 loop.call_soon_threadsafe(items.put_nowait, (done, None))
             except Exception as error:  # re-raised in the event loop
                 loop.call_soon_threadsafe(items.put_nowait, (done, error))
+            finally:
+                self.generating = False
 
+        self.waiting += 1
         running = loop.run_in_executor(self.worker, self._with_gpu_cleanup, pump)
         try:
             while True:
@@ -496,7 +512,7 @@ class RequestGuard:
         if self.allowed_hosts is not None and name.lower() not in self.allowed_hosts:
             return await error_response(400, f"Host {host!r} is not one this server answers to; start it with "
                                              "--allowed-hosts to add names", "host")(scope, receive, send)
-        if self.api_key is not None:
+        if self.api_key is not None and scope["path"] != "/health":  # probes carry no key
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
                 return await error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer "
@@ -578,6 +594,11 @@ def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: O
         return ChatResponse(response=response, history=history, status=200, time=now)
 
     card = ModelCard(id=MODEL_ID, created=started, owned_by="THUDM")
+
+    @app.get("/health", response_model=Health, responses=ERROR_RESPONSES)
+    async def health():
+        """The model is loaded and the server answers; what its worker is doing."""
+        return Health(model=MODEL_ID, generating=service.generating, waiting=service.waiting)
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"], response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models():

@@ -235,10 +235,11 @@ def test_disconnect_stops_generation_and_loop_stays_responsive(keyed_server):
         started = time.time()
         assert requests.get(keyed_server.url + "/v1/models", headers=headers, timeout=10).status_code == 200
         assert time.time() - started < 2  # answered while generation runs
-    deadline = time.time() + 10  # leaving the with block closed the connection
-    while "client went away: generation stopped after" not in keyed_server.log():
-        assert time.time() < deadline, keyed_server.log()
+    deadline = time.time() + 10  # leaving the with block closed the connection: generation must stop
+    while (state := requests.get(keyed_server.url + "/health", timeout=10).json())["generating"]:
+        assert time.time() < deadline, (state, keyed_server.log())
         time.sleep(0.1)
+    assert state["waiting"] == 0 and "client went away: generation stopped after" in keyed_server.log()
     reply = post(keyed_server, "/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 1}, headers=headers)
     assert reply.status_code == 200
 
@@ -363,7 +364,7 @@ def test_fuzz_no_server_errors(server, api_schema):
                                                        checks.response_schema_conformance])
 
         exchange()
-    assert len(sent) == 5 and sum(sent.values()) >= 750, sent
+    assert len(sent) == 6 and sum(sent.values()) >= 750, sent
     assert post(server, "/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 2}).status_code == 200
 
 
@@ -528,3 +529,9 @@ def test_slow_headers_are_cut_off(tmp_path):
         assert requests.get(server.url + "/v1/models", timeout=10).status_code == 200  # whole requests still served
     finally:
         server.stop()
+
+
+def test_health_answers_without_the_key(keyed_server):
+    reply = requests.get(keyed_server.url + "/health", timeout=10)
+    assert reply.status_code == 200
+    assert reply.json() == {"status": "ok", "model": "chatglm-6b", "generating": False, "waiting": 0}
