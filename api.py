@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import threading
 import time
 import uuid
@@ -37,26 +36,25 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Annotated, Any, AsyncIterator, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
-import h11
 import torch
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import FastAPI, Request
-from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 from starlette.exceptions import HTTPException
 
 from chatglm_6b.modeling_chatglm import build_prompt, process_response
 from runtime.generation import first_stop, stable_prefix
-from runtime.options import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args
+from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args,
+                             sampling)
+from runtime.server import (DEFAULT_MAX_BODY_BYTES, LOOPBACK_NAMES, DrainingServer, ErrorBody, ErrorResponse,
+                            HeaderDeadline, RequestGuard, error_response)
 
 MODEL_ID = "chatglm-6b"
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 # A token is rarely more than a few characters; a prompt this many times the context cannot fit.
 MAX_PROMPT_CHARS_PER_TOKEN = 32
-LOOPBACK_NAMES = ["localhost", "127.0.0.1", "[::1]", "::1"]
 logger = logging.getLogger("api")
 
 
@@ -257,17 +255,6 @@ class ModelList(BaseModel):
     data: List[ModelCard]
 
 
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 500, 503)}
 
 
@@ -275,12 +262,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-def error_response(status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
-                   headers=None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def messages_to_chat(messages: List[Message]) -> Tuple[str, List[Tuple[str, str]]]:
@@ -304,16 +285,6 @@ def messages_to_chat(messages: List[Message]) -> Tuple[str, List[Tuple[str, str]
     if not contents[-1]:
         raise ApiError(400, "messages: the last user message is empty", "messages")
     return contents[-1], list(zip(contents[0:-1:2], contents[1:-1:2]))
-
-
-# Below this, sampling picks the top token anyway, and dividing logits by ~1e-38 overflows float32.
-GREEDY_BELOW_TEMPERATURE = 1e-5
-
-
-def sampling(temperature: float, top_p: float) -> dict:
-    """top_p 0 keeps only the most likely token: greedy as well."""
-    greedy = temperature < GREEDY_BELOW_TEMPERATURE or top_p == 0
-    return {"do_sample": not greedy, "temperature": temperature, "top_p": top_p}
 
 
 def sse(data: str) -> str:
@@ -493,53 +464,6 @@ def log_exchange(prompt: str, response: str) -> str:
     return now
 
 
-class RequestGuard:
-    """ASGI middleware that answers, before the application reads a byte of the body: a Host header this
-    server does not answer to (400), a missing or wrong API key (401, on every path), and a body longer
-    than max_body_bytes (413, by Content-Length or while it streams in)."""
-
-    def __init__(self, app, api_key: Optional[str], allowed_hosts: Optional[List[str]], max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-        self.allowed_hosts = None if allowed_hosts is None or "*" in allowed_hosts else \
-            {host.lower() for host in allowed_hosts}
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        host = headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if self.allowed_hosts is not None and name.lower() not in self.allowed_hosts:
-            return await error_response(400, f"Host {host!r} is not one this server answers to; start it with "
-                                             "--allowed-hosts to add names", "host")(scope, receive, send)
-        if self.api_key is not None and scope["path"] != "/health":  # probes carry no key
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
-                return await error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer "
-                                                 "<key>'", kind="authentication_error",
-                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            return await self.too_large()(scope, receive, send)
-        received = 0
-
-        async def bounded_receive():  # a body without Content-Length (chunked) that grows past the limit
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise HTTPException(413, self.too_large_message())  # answered by the app's handler
-            return message
-
-        await self.app(scope, bounded_receive, send)
-
-    def too_large_message(self) -> str:
-        return f"the request body is over {self.max_body_bytes} bytes (--max-body-bytes)"
-
-    def too_large(self):
-        return error_response(413, self.too_large_message(), "body")
-
-
 def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: Optional[List[str]] = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The application; allowed_hosts None answers every Host header."""
@@ -658,55 +582,9 @@ def main(argv=None) -> None:
     app = create_app(model, tokenizer, api_key=args.api_key, allowed_hosts=allowed_hosts,
                      max_body_bytes=args.max_body_bytes)
     HeaderDeadline.seconds = args.header_timeout
+    service = app.state.service
     DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, http=HeaderDeadline),
-                   app.state.service).run()
-
-
-class HeaderDeadline(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's head: a connection that has not sent a whole
-    request line and headers within `seconds` (of connecting, or of its last response) is closed, so that
-    clients sending headers a byte at a time cannot hold connections forever."""
-    seconds = 10.0
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._arm_deadline()
-
-    def _arm_deadline(self) -> None:
-        self.head_deadline = self.loop.call_later(self.seconds, self.timeout_keep_alive_handler)
-
-    def _disarm_deadline(self) -> None:
-        if self.head_deadline is not None:
-            self.head_deadline.cancel()
-            self.head_deadline = None
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the request's head is complete
-            self._disarm_deadline()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._disarm_deadline()
-            self._arm_deadline()
-
-    def connection_lost(self, exc) -> None:
-        self._disarm_deadline()
-        super().connection_lost(exc)
-
-
-class DrainingServer(uvicorn.Server):
-    """On SIGTERM (or Ctrl-C) the request being generated finishes and the queued ones get 503 at once,
-    instead of the whole queue running before the process exits."""
-
-    def __init__(self, config: uvicorn.Config, service: ChatService):
-        super().__init__(config)
-        self.service = service
-
-    def handle_exit(self, sig, frame) -> None:
-        self.service.closing = True
-        super().handle_exit(sig, frame)
+                   on_exit=lambda: setattr(service, "closing", True)).run()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from runtime.generation import stable_prefix  # noqa: E402
-from runtime.options import add_model_args, add_sampling_args, load_from_args  # noqa: E402
+from runtime.options import add_model_args, add_sampling_args, load_from_args, sampling  # noqa: E402
 
 WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
 PROMPT = "\n用户："
@@ -35,8 +35,8 @@ def write(text: str) -> None:
 def reply(model, tokenizer, query, history, args):
     """Streams one reply to stdout and returns the new history; Ctrl-C keeps what was said so far."""
     printed, response, interrupted = "", "", False
-    replies = model.stream_chat(tokenizer, query, history, max_length=args.max_length, top_p=args.top_p,
-                                temperature=args.temperature, do_sample=not args.greedy)
+    replies = model.stream_chat(tokenizer, query, history, max_length=args.max_length,
+                                **sampling(args.temperature, args.top_p, args.greedy))
     try:
         write(LABEL)
         for response, _ in replies:

@@ -10,7 +10,8 @@ import re
 import gradio as gr
 
 from runtime.generation import in_own_thread
-from runtime.options import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args
+from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args,
+                             sampling)
 
 LATEX_DELIMITERS = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 # Fenced code (possibly still open while a reply streams in) and inline code spans.
@@ -49,10 +50,6 @@ def mark_stopped(history, stopped):
     return to_messages(history, stopped), stopped
 
 
-# Below this, sampling picks the top token anyway (and 0 is not a temperature transformers accepts).
-GREEDY_BELOW_TEMPERATURE = 1e-5
-
-
 def make_predict(model, tokenizer, greedy: bool = False):
     """The page's reply function: streams (chatbot messages, history). A failure shows its message and
     leaves the conversation as it was before the question, so the next question works."""
@@ -63,12 +60,11 @@ def make_predict(model, tokenizer, greedy: bool = False):
             return
         # Show the question before the first token; Stop keeps whatever has been yielded so far.
         yield to_messages(history + [(query, "")], stopped), history + [(query, "")]
-        sample = not greedy and temperature >= GREEDY_BELOW_TEMPERATURE and top_p > 0
         try:
             # Stop closes this generator on Gradio's event loop: the reply stops in its own thread.
             for _, new_history in in_own_thread(lambda: model.stream_chat(
-                    tokenizer, query, history, max_length=max(1, int(max_length)), top_p=top_p,
-                    temperature=temperature, do_sample=sample)):
+                    tokenizer, query, history, max_length=max(1, int(max_length)),
+                    **sampling(temperature, top_p, greedy))):
                 yield to_messages(new_history, stopped), new_history
         except Exception as error:  # noqa: BLE001 (any failure of one reply must not break the session)
             gr.Warning(f"出错 / Error: {error}")

@@ -5,6 +5,7 @@
     finetunes.py   what ptuning/ trains (P-Tuning prefixes, LoRA adapters, full fine-tunes), applied on load
     options.py     the model options and sampling defaults the three front-ends share
     generation.py  the generation engine's home: what turns a stream of tokens into text for a user
+    server.py      HTTP serving: OpenAI's error shape, guards before a body is read, graceful shutdown
 
 Data flows one way: front-end script -> options -> loading -> chatglm_6b -> transformers/torch.
 """

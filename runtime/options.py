@@ -11,9 +11,18 @@ from .finetunes import load_finetuned
 from .loading import CheckpointError
 
 __all__ = ["DEFAULT_MAX_LENGTH", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "DTYPES", "add_model_args",
-           "add_sampling_args", "load_from_args"]
+           "add_sampling_args", "load_from_args", "sampling"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Below this, sampling picks the top token anyway (and dividing logits by ~1e-38 overflows float32).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+def sampling(temperature: float, top_p: float, greedy: bool = False) -> dict:
+    """chat()'s sampling arguments. Greedy when asked for, and when temperature ~0 or top_p 0 leave only the
+    most likely token (transformers refuses a temperature of 0)."""
+    greedy = greedy or temperature < GREEDY_BELOW_TEMPERATURE or top_p == 0
+    return {"do_sample": not greedy, "temperature": temperature, "top_p": top_p}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
