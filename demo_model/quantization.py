@@ -21,6 +21,8 @@ This file is also shipped as Hugging Face remote code: imports are torch, stdlib
 import hashlib
 import logging
 import os
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +107,7 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dty
 # CPU kernel loading (compiled once, cached in the torch extensions dir)
 # ------------------------------------------------------------------------------------------------
 _cpu_kernels = None  # None: not tried yet, False: unavailable, else the torch.ops namespace
+_cpu_kernel_build = ""  # how the loaded kernel was built, for the log line
 _warned = set()
 
 
@@ -124,8 +127,15 @@ def _cpu_id() -> bytes:
         return platform.processor().encode()
 
 
+def _build_tag(flags) -> str:
+    """Everything that changes the binary: the source, the flags, the CPU (-march=native), torch and Python.
+    Two environments sharing a cache directory then never load or rebuild each other's kernel."""
+    key = [CPP_SOURCE, " ".join(flags), torch.__version__, sys.version, os.environ.get("CXX", "c++")]
+    return hashlib.sha1("\0".join(key).encode() + _cpu_id()).hexdigest()[:12]
+
+
 def _load_cpu_kernels():
-    global _cpu_kernels
+    global _cpu_kernels, _cpu_kernel_build
     if _cpu_kernels is not None:
         return _cpu_kernels
     try:
@@ -140,8 +150,7 @@ def _load_cpu_kernels():
         try:
             from torch.utils.cpp_extension import _get_build_directory, load
 
-            tag = hashlib.sha1(CPP_SOURCE.encode() + " ".join(flags).encode() + _cpu_id()).hexdigest()[:12]
-            name = f"chatglm_quant_{tag}"
+            name = f"chatglm_quant_{_build_tag(flags)}"
             src = os.path.join(_get_build_directory(name, verbose=False), name + ".cpp")
             if not os.path.exists(src):  # keep the file (and its mtime) so the cached build is reused
                 with open(src + ".tmp", "w") as f:
@@ -151,6 +160,8 @@ def _load_cpu_kernels():
             load(name=name, sources=[src], extra_cflags=flags + ["-std=c++17"], extra_ldflags=ldflags,
                  is_python_module=False, verbose=False)
             _cpu_kernels = torch.ops.chatglm_quant
+            _cpu_kernel_build = ("native SIMD (-march=native)" if "-march=native" in flags else "portable (-O3)") + \
+                (", OpenMP" if "-fopenmp" in flags else ", no OpenMP: one thread")
             return _cpu_kernels
         except Exception as e:  # no compiler, unsupported flags, ...
             errors.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
@@ -158,6 +169,19 @@ def _load_cpu_kernels():
                       "dequantize-then-matmul torch path", "; ".join(errors))
     _cpu_kernels = False
     return _cpu_kernels
+
+
+def prepare_cpu_kernel() -> bool:
+    """Loads (and the first time compiles) the CPU kernel now, with a line saying so, rather than inside the
+    first reply; then one line on how it was built, or why the slower torch path runs. True if it loaded."""
+    if _cpu_kernels is None:
+        start = time.perf_counter()
+        logger.warning("chatglm quantization: loading the INT8/INT4 CPU kernel (compiled on first use here, "
+                       "about 20 s; cached after that)")
+        if _load_cpu_kernels():
+            logger.warning("chatglm quantization: CPU kernel ready in %.1f s: %s", time.perf_counter() - start,
+                           _cpu_kernel_build or "already loaded in this process")
+    return bool(_cpu_kernels)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -332,6 +332,10 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
         model.quantize(quantize)
     if not spread:
         model = model.to(target)
+    if model.config.quantization_bit and target.type == "cpu":  # compiled now, not inside the first reply
+        from chatglm_6b.quantization import prepare_cpu_kernel
+
+        prepare_cpu_kernel()
     return model.eval(), tokenizer
 
 

@@ -296,3 +296,33 @@ def test_compile_failure_falls_back_with_one_warning(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("CPU kernel unavailable") == 1, r.stderr
+
+
+def test_kernel_build_is_keyed_by_everything_that_changes_the_binary(monkeypatch):
+    from chatglm_6b import quantization as Q
+
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    tag = Q._build_tag(flags)
+    assert Q._build_tag(["-O3"]) != tag
+    monkeypatch.setattr(Q.torch, "__version__", "0.0.0-other")
+    assert Q._build_tag(flags) != tag
+    monkeypatch.undo()
+    monkeypatch.setattr(Q.sys, "version", "3.0 (another Python)")
+    assert Q._build_tag(flags) != tag
+
+
+def test_the_kernel_is_ready_when_loading_returns(monkeypatch, caplog):
+    """--quantize on CPU: the kernel loads (or compiles) while the model loads, with a line saying so,
+    not inside the first reply."""
+    import logging
+
+    from chatglm_6b import quantization as Q
+    from runtime.loading import load_model_and_tokenizer
+
+    monkeypatch.setattr(Q, "_cpu_kernels", None)
+    with caplog.at_level(logging.WARNING, logger=Q.logger.name):
+        load_model_and_tokenizer(device="cpu", quantize=8)
+    assert Q._cpu_kernels is not None  # decided before any forward pass
+    assert "loading the INT8/INT4 CPU kernel" in caplog.text
+    if Q._cpu_kernels:
+        assert "CPU kernel ready" in caplog.text
