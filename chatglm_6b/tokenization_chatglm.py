@@ -9,6 +9,7 @@ Conventions of the original (THUDM/chatglm-6b), kept because real checkpoints de
 
 The GLM input rules (context length, mask, positions) live here once and are imported by the model.
 """
+import codecs
 import os
 import re
 import shutil
@@ -210,16 +211,13 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def without_partial_character(self, token_ids: List[int]) -> List[int]:
         """token_ids less a trailing run of byte-fallback pieces (<0xNN>) that stops inside a UTF-8 character,
         as a generation cut off at its length limit can: decoded, those bytes would show as U+FFFD."""
-        end = len(token_ids)
-        while end and re.fullmatch(r"<0x[0-9A-F]{2}>", self.sp_tokenizer[int(token_ids[end - 1])]):
-            end -= 1
-        tail = [int(self.sp_tokenizer[int(i)][3:5], 16) for i in token_ids[end:]]
-        for start in range(len(tail) - 1, max(-1, len(tail) - 4), -1):  # the last lead byte, if any
-            byte = tail[start]
-            if byte & 0xC0 != 0x80:  # not a continuation byte
-                needed = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4 if byte >> 3 == 30 else 1
-                return list(token_ids[:end + start]) if len(tail) - start < needed else list(token_ids)
-        return list(token_ids)
+        start = len(token_ids)
+        while start and re.fullmatch(r"<0x[0-9A-F]{2}>", self.sp_tokenizer[int(token_ids[start - 1])]):
+            start -= 1
+        tail = bytes(int(self.sp_tokenizer[int(i)][3:5], 16) for i in token_ids[start:])
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder.decode(tail)  # not final: the bytes of an unfinished last character are held back
+        return list(token_ids[:len(token_ids) - len(decoder.getstate()[0])])
 
     def save_vocabulary(self, save_directory: str, filename_prefix: Optional[str] = None):
         name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
@@ -255,8 +253,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
 
         # The GLM mask is [L, L]: built only when asked for or when padding a batch (where lengths are
-        # bounded), never for one raw text, whose length nothing has checked yet (the original returned
-        # input_ids alone there too).
+        # bounded), never for a batch of raw texts, whose length nothing has checked yet (the original
+        # returned input_ids alone there too; prepare_for_model does the same for one text).
         if return_attention_mask or (return_attention_mask is None and padding_strategy != PaddingStrategy.DO_NOT_PAD):
             if "attention_mask" not in encoded_inputs or np.ndim(encoded_inputs["attention_mask"]) != 3:
                 encoded_inputs["attention_mask"] = glm_attention_mask(ids, self.bos_token_id)

@@ -229,11 +229,12 @@ def available_memory() -> Optional[int]:
         return None
 
 
-def float_weight_bytes(config: ChatGLMConfig, dtype: torch.dtype) -> int:
+def parameter_count(config: ChatGLMConfig) -> int:
+    """Float parameters of a model of this config, counted on the meta device (nothing is allocated)."""
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)
     unique = {id(p): p for p in model.parameters()}.values()  # lm_head shares the word embeddings
-    return sum(p.numel() for p in unique) * torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in unique)
 
 
 def dtype_that_fits(config: ChatGLMConfig, dtype: torch.dtype, explicit: bool) -> torch.dtype:
@@ -243,11 +244,11 @@ def dtype_that_fits(config: ChatGLMConfig, dtype: torch.dtype, explicit: bool) -
     available = available_memory()
     if available is None:
         return dtype
-    needed = float_weight_bytes(config, dtype)
+    count = parameter_count(config)
+    needed = count * dtype.itemsize
     if needed < 0.9 * available:
         return dtype
-    half = float_weight_bytes(config, torch.bfloat16)
-    if not explicit and half < 0.9 * available:
+    if not explicit and count * torch.bfloat16.itemsize < 0.9 * available:
         logger.warning("fp32 weights would take %.1f GB of the %.1f GB of free memory: loading in bf16 "
                        "(--dtype fp32 insists on fp32)", needed / 1e9, available / 1e9)
         return torch.bfloat16
@@ -332,7 +333,9 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
         model.quantize(quantize)
     if not spread:
         model = model.to(target)
-    if model.config.quantization_bit and target.type == "cpu":  # compiled now, not inside the first reply
+    # A checkpoint quantized while loading, or already quantized, never ran quantize() with its weights:
+    # the kernel is compiled now, not inside the first reply.
+    if model.config.quantization_bit and target.type == "cpu":
         from chatglm_6b.quantization import prepare_cpu_kernel
 
         prepare_cpu_kernel()
