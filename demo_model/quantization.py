@@ -371,4 +371,6 @@ def quantize(model, bits, empty_init=False, quantize_embeddings=False, **kwargs)
             del emb, head
         if isinstance(getattr(model, "lm_head", None), nn.Linear):
             model.lm_head = QuantizedLinear.from_linear(model.lm_head, bits, empty_init)
+    if not empty_init and root.layers[0].attention.query_key_value.weight.device.type == "cpu":
+        prepare_cpu_kernel()  # `model.quantize(4)` on CPU, as users of the original write it: ready now
     return model

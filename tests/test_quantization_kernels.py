@@ -326,3 +326,18 @@ def test_the_kernel_is_ready_when_loading_returns(monkeypatch, caplog):
     assert "loading the INT8/INT4 CPU kernel" in caplog.text
     if Q._cpu_kernels:
         assert "CPU kernel ready" in caplog.text
+
+
+def test_model_quantize_on_cpu_readies_the_kernel(monkeypatch, caplog):
+    """`model.quantize(4)` as users of the original write it (and the LoRA path): the kernel is ready when it
+    returns."""
+    import logging
+
+    from chatglm_6b import quantization as Q
+    from runtime.loading import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(device="cpu")
+    monkeypatch.setattr(Q, "_cpu_kernels", None)
+    with caplog.at_level(logging.WARNING, logger=Q.logger.name):
+        model.quantize(4)
+    assert Q._cpu_kernels is not None and "loading the INT8/INT4 CPU kernel" in caplog.text
