@@ -21,7 +21,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from runtime.generation import stable_prefix  # noqa: E402
+from runtime.generation import STOPPED_MARK, stable_prefix  # noqa: E402
 from runtime.options import add_model_args, add_sampling_args, load_from_args, sampling  # noqa: E402
 
 WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
@@ -55,7 +55,7 @@ def reply(model, tokenizer, query, history, args):
         write(response[len(printed):])
     else:  # an earlier character changed after it was printed: show the corrected reply in full
         write(f"\n{LABEL.strip()}{response}")
-    write("\n（回答已中断）\n" if interrupted else "\n")
+    write(f"\n{STOPPED_MARK}\n" if interrupted else "\n")
     return history + [(query, response)] if response else history
 
 

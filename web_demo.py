@@ -9,7 +9,7 @@ import re
 
 import gradio as gr
 
-from runtime.generation import in_own_thread
+from runtime.generation import STOPPED_MARK, in_own_thread
 from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args,
                              sampling)
 
@@ -24,9 +24,6 @@ def to_markdown(text: str) -> str:
     code itself. LaTeX still renders: KaTeX runs on the page's text, where the entities are decoded."""
     parts = CODE.split(text)
     return "".join(part if i % 2 else part.replace("&", "&amp;").replace("<", "&lt;") for i, part in enumerate(parts))
-
-
-STOPPED_MARK = "（回答已中断）"  # as cli_demo.py shows it
 
 
 def to_messages(history, stopped=()):

@@ -6,6 +6,8 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 from chatglm_6b.modeling_chatglm import TRAINING_TIME_PLACEHOLDER
 
+STOPPED_MARK = "（回答已中断）"  # shown after a reply the user cut short (Ctrl-C, Stop)
+
 
 def stable_prefix(response: str, stops: Sequence[str] = ()) -> str:
     """The part of a growing (post-processed) response that later tokens cannot change, safe to show
