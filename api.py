@@ -23,32 +23,37 @@ Choices beyond the original:
   loopback address, so that a web page cannot reach it through DNS rebinding; --allowed-hosts widens it),
   the API key is checked (on every path, /docs and /openapi.json too), and the body's size is bounded.
 - Prompts are capped in characters before they are tokenized (MAX_PROMPT_CHARS_PER_TOKEN times the context).
+
+Serving many users: requests are validated and tokenized in worker threads, then generated together by the
+batching engine (runtime/engine.py): up to --max-batch-size at once, one token each per step, with up to
+--max-queue more waiting; beyond that a request gets 429 with Retry-After. A client that disconnects, streaming
+or not, frees its place at the next step. GET /health is 200 while the engine takes requests (503 otherwise),
+GET /metrics is Prometheus' text format. On SIGTERM the running replies finish and the waiting ones get 503.
 """
 import argparse
 import asyncio
 import contextlib
 import logging
 import os
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Annotated, Any, AsyncIterator, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Tuple, Union
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 from starlette.exceptions import HTTPException
 
-from chatglm_6b.modeling_chatglm import build_prompt, process_response
+from chatglm_6b.modeling_chatglm import build_prompt, encode_chat, process_response
+from runtime.engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, EngineClosed, GenerationEngine, QueueFull, Reply
 from runtime.generation import first_stop, stable_prefix
-from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args,
-                             sampling)
+from runtime.metrics import RequestCounter, ServingMetrics
+from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args,
+                             add_serving_args, load_from_args, sampling)
 from runtime.server import (DEFAULT_MAX_BODY_BYTES, LOOPBACK_NAMES, DrainingServer, ErrorBody, ErrorResponse,
                             HeaderDeadline, RequestGuard, error_response)
 
@@ -239,8 +244,9 @@ class ChatCompletionChunk(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
-    generating: bool = Field(description="a reply is being generated now")
-    waiting: int = Field(description="requests queued behind it")
+    generating: bool = Field(description="replies are being generated now")
+    running: int = Field(description="requests in the running batch")
+    waiting: int = Field(description="requests queued for a place in the batch")
 
 
 class ModelCard(BaseModel):
@@ -255,13 +261,16 @@ class ModelList(BaseModel):
     data: List[ModelCard]
 
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 500, 503)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 429, 500, 503)}
+# A full queue empties at the speed of generation; a client should come back after about this long.
+RETRY_AFTER_SECONDS = 1
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
+                 headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
 def messages_to_chat(messages: List[Message]) -> Tuple[str, List[Tuple[str, str]]]:
@@ -291,138 +300,136 @@ def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
-class ChatService:
-    """Serves one request at a time: each request's tokenization and generation are queued on a single
-    worker (the model is not thread-safe), while the event loop keeps accepting and answering."""
+class Prompts:
+    """Requests -> what the engine runs, checked against the model's context. Runs in a worker thread
+    (tokenizing a long prompt takes a while), never waiting for the model."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.context = model.config.max_sequence_length
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
-        self.closing = False  # set on SIGTERM: what has not started yet is answered 503
-        self.waiting = 0  # requests queued for the worker (GET /health)
-        self.generating = False  # a reply is being generated now (GET /health)
+    def __init__(self, tokenizer, context: int):
+        self.tokenizer, self.context = tokenizer, context
 
-    def refuse_if_closing(self) -> None:
-        if self.closing:
-            raise ApiError(503, "the server is shutting down: this request was not started; send it again to "
-                                "another instance or after the restart", kind="server_error")
-
-    async def run(self, function: Callable, *args):
-        def started(*arguments):
-            self.waiting -= 1
-            self.refuse_if_closing()
-            return function(*arguments)
-
-        self.waiting += 1
-        return await asyncio.get_running_loop().run_in_executor(self.worker, self._with_gpu_cleanup, started, *args)
-
-    @staticmethod
-    def _with_gpu_cleanup(function: Callable, *args):
-        try:
-            return function(*args)
-        finally:
-            if torch.cuda.is_available():  # as the original: give cached blocks back after every request
-                torch.cuda.empty_cache()
-
-    async def stream(self, make_iterator: Callable[[], Iterator]) -> AsyncIterator:
-        """Yields the items of make_iterator(), iterated in the worker thread. Leaving early (a client
-        that disconnects cancels its response) stops the iterator, and with it generation, at the next token."""
-        loop, items, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        done = object()
-
-        def pump():
-            self.waiting -= 1
-            if cancelled.is_set():  # the client left while waiting for its turn
-                return
-            try:
-                self.refuse_if_closing()
-                self.generating = True
-                with contextlib.closing(make_iterator()) as iterator:
-                    for count, item in enumerate(iterator, 1):
-                        loop.call_soon_threadsafe(items.put_nowait, (item, None))
-                        if cancelled.is_set():
-                            logger.info("client went away: generation stopped after %d tokens", count)
-                            return
-                loop.call_soon_threadsafe(items.put_nowait, (done, None))
-            except Exception as error:  # re-raised in the event loop
-                loop.call_soon_threadsafe(items.put_nowait, (done, error))
-            finally:
-                self.generating = False
-
-        self.waiting += 1
-        running = loop.run_in_executor(self.worker, self._with_gpu_cleanup, pump)
-        try:
-            while True:
-                item, error = await items.get()
-                if error is not None:
-                    raise error
-                if item is done:
-                    break
-                yield item
-        finally:
-            cancelled.set()
-        await running
-
-    def count_tokens(self, query: str, history: List[Tuple[str, str]], param: str) -> int:
-        """The prompt's tokens, encoded as chat() encodes it. Refused before tokenizing when it has more
-        characters than could ever fit the context."""
-        prompt = build_prompt(query, history)
-        if len(prompt) > MAX_PROMPT_CHARS_PER_TOKEN * self.context:
-            raise ApiError(400, f"{param}: the prompt has {len(prompt)} characters, more than the model's context of "
+    def encode(self, query: str, history: List[Tuple[str, str]], param: str) -> List[int]:
+        """The prompt's tokens, as chat() encodes them. Refused before tokenizing when it has more characters
+        than could ever fit the context."""
+        length = len(build_prompt(query, history))
+        if length > MAX_PROMPT_CHARS_PER_TOKEN * self.context:
+            raise ApiError(400, f"{param}: the prompt has {length} characters, more than the model's context of "
                                 f"{self.context} tokens can hold", param)
-        return len(self.tokenizer(prompt, return_attention_mask=False, split_special_tokens=True)["input_ids"])
+        prompt_ids = encode_chat(self.tokenizer, query, history)
+        if len(prompt_ids) >= self.context:
+            raise ApiError(400, f"{param}: the prompt is {len(prompt_ids)} tokens and does not fit the model's "
+                                f"context of {self.context} tokens (max_sequence_length)", param)
+        return prompt_ids
 
-    def check_fits(self, prompt_tokens: int, param: str) -> None:
-        if prompt_tokens >= self.context:
-            raise ApiError(400, f"{param}: the prompt is {prompt_tokens} tokens and does not fit the model's context "
-                                f"of {self.context} tokens (max_sequence_length)", param)
-
-    def chat(self, request: ChatRequest) -> Tuple[str, List[Tuple[str, str]]]:
+    def chat(self, request: ChatRequest) -> dict:
         history = [tuple(pair) for pair in request.history]
-        prompt_tokens = self.count_tokens(request.prompt, history, "prompt")
-        self.check_fits(prompt_tokens, "prompt")
+        prompt_ids = self.encode(request.prompt, history, "prompt")
         max_length = min(request.max_length, self.context)
-        if max_length <= prompt_tokens:
+        if max_length <= len(prompt_ids):
             raise ApiError(400, f"max_length: {request.max_length} leaves no room for a response after the "
-                                f"prompt's {prompt_tokens} tokens", "max_length")
-        return self.model.chat(self.tokenizer, request.prompt, history, max_length=max_length,
-                               **sampling(request.temperature, request.top_p))
+                                f"prompt's {len(prompt_ids)} tokens", "max_length")
+        return {"query": request.prompt, "history": history, "prompt_ids": prompt_ids, "max_length": max_length,
+                "sampling": sampling(request.temperature, request.top_p), "stops": []}
 
-    def prepare_completion(self, request: ChatCompletionRequest) -> dict:
+    def completion(self, request: ChatCompletionRequest) -> dict:
         refuse_unsupported(request)
         query, history = messages_to_chat(request.messages)
-        prompt_tokens = self.count_tokens(query, history, "messages")
-        self.check_fits(prompt_tokens, "messages")
+        prompt_ids = self.encode(query, history, "messages")
         max_tokens = request.max_completion_tokens or request.max_tokens or self.context
         temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
         top_p = DEFAULT_TOP_P if request.top_p is None else request.top_p
-        return {"query": query, "history": history, "prompt_tokens": prompt_tokens,
-                "max_length": min(prompt_tokens + max_tokens, self.context), "sampling": sampling(temperature, top_p),
+        return {"query": query, "history": history, "prompt_ids": prompt_ids,
+                "max_length": min(len(prompt_ids) + max_tokens, self.context), "sampling": sampling(temperature, top_p),
                 "stops": request.stop}
 
-    def completion(self, job: dict) -> Iterator[Tuple[str, int, Optional[str]]]:
+
+class ChatService:
+    """Requests in, replies out: prompts are prepared in worker threads, generated by the batching engine
+    (runtime/engine.py) together with every other running request, and decoded on the event loop."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int, max_queue: int, metrics: ServingMetrics):
+        self.tokenizer = tokenizer
+        self.prompts = Prompts(tokenizer, model.config.max_sequence_length)
+        self.engine = GenerationEngine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue).start()
+        self.metrics = metrics.watch(self.engine)
+
+    async def prepare(self, make_job: Callable, request) -> dict:
+        return await asyncio.to_thread(make_job, request)
+
+    def submit(self, job: dict) -> Reply:
+        try:
+            reply = self.engine.submit(job["prompt_ids"], job["max_length"], loop=asyncio.get_running_loop(),
+                                       **job["sampling"])
+        except QueueFull as full:
+            raise ApiError(429, f"the server is busy: {full}; retry later", kind="rate_limit_error",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except EngineClosed as closed:
+            raise shutting_down(closed) from None
+        self.metrics.prompt_tokens.inc(len(job["prompt_ids"]))
+        return reply
+
+    async def completion(self, job: dict, reply: Reply) -> AsyncIterator[Tuple[str, int, Optional[str]]]:
         """Yields (response so far, completion tokens, None) after every token, then the final
         (response, completion tokens, finish reason). Stop strings are looked for in the text as the
         model wrote it (before process_response turns ASCII marks next to Chinese into Chinese ones);
         the first one ends generation. The end token is not counted as a completion token."""
-        response, tokens, new, eos = "", 0, [], self.tokenizer.eos_token_id
-        inputs, gen_kwargs = self.model._chat_inputs(self.tokenizer, job["query"], job["history"], job["max_length"],
-                                                     1, job["sampling"]["do_sample"], job["sampling"]["top_p"],
-                                                     job["sampling"]["temperature"], None, {})
-        prompt_length = inputs["input_ids"].shape[1]
-        with contextlib.closing(self.model.stream_generate(**inputs, **gen_kwargs)) as stream:
-            for sequence in stream:
-                new = sequence[0, prompt_length:].tolist()
-                tokens = len(new) - (new[-1] == eos)
-                raw = self.tokenizer.decode(new)
+        response, tokens = "", 0
+        try:
+            async for token in self.metrics.timed(reply):
+                tokens = len(reply.tokens) - (reply.finish_reason == "stop")
+                raw = self.tokenizer.decode(reply.tokens)
                 cut = first_stop(raw, job["stops"])
                 if cut is not None:
                     yield process_response(raw[:cut]), tokens, "stop"
                     return
                 response = process_response(raw)
                 yield response, tokens, None
-        yield response, tokens, "length" if job["prompt_tokens"] + len(new) >= job["max_length"] else "stop"
+        except EngineClosed as closed:  # it was waiting when the server began shutting down
+            raise shutting_down(closed) from None
+        finally:
+            reply.cancel()  # a client that went away frees its row at the next step
+            self.metrics.completion_tokens.inc(len(reply.tokens))
+            if reply.finish_reason is None and reply.error is None:
+                logger.info("client went away: generation stopped after %d tokens", len(reply.tokens))
+        yield response, tokens, reply.finish_reason
+
+    async def whole(self, job: dict, connection: Request) -> Tuple[str, int, str]:
+        """The last item of completion(job); if the client disconnects first, generation stops (ClientGone)."""
+        reply = self.submit(job)
+
+        async def last():
+            async for item in self.completion(job, reply):
+                pass
+            return item
+
+        return await unless_disconnected(connection, last())
+
+
+def shutting_down(closed: EngineClosed) -> ApiError:
+    return ApiError(503, f"{closed}; send it again to another instance or after the restart", kind="server_error")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its (non-streaming) reply was ready."""
+
+
+async def unless_disconnected(connection: Request, work):
+    """Awaits `work` unless the client disconnects first: then `work` is cancelled and ClientGone raised.
+    Once the body has been read, the next ASGI receive() returns only when the client disconnects."""
+    async def disconnected():
+        while (await connection.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone
 
 
 async def stream_chunks(events: AsyncIterator, job: dict, completion_id: str, created: int,
@@ -453,8 +460,9 @@ async def stream_chunks(events: AsyncIterator, job: dict, completion_id: str, cr
 
 
 def usage(job: dict, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=job["prompt_tokens"], completion_tokens=completion_tokens,
-                 total_tokens=job["prompt_tokens"] + completion_tokens)
+    prompt_tokens = len(job["prompt_ids"])
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
 
 
 def log_exchange(prompt: str, response: str) -> str:
@@ -464,18 +472,35 @@ def log_exchange(prompt: str, response: str) -> str:
     return now
 
 
+ENDPOINTS = ["/", "/v1/chat/completions", "/v1/models", "/health", "/metrics"]
+
+
 def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: Optional[List[str]] = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The application; allowed_hosts None answers every Host header."""
-    service = ChatService(model, tokenizer)
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
+    """The application, with its generation engine running; allowed_hosts None answers every Host header.
+    Shutting the application down (its lifespan's end) stops the engine."""
+    metrics = ServingMetrics(ENDPOINTS)
+    service = ChatService(model, tokenizer, max_batch_size, max_queue, metrics)
     started = int(time.time())
-    app = FastAPIOffline(title="ChatGLM-6B API")  # /docs and /redoc with their assets served here, no CDN
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(service.engine.stop)
+
+    app = FastAPIOffline(title="ChatGLM-6B API", lifespan=lifespan)  # /docs and /redoc served here, no CDN
     app.state.service = service
     app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
+    app.add_middleware(RequestCounter, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        return error_response(error.status, error.message, error.param, error.kind)
+        return error_response(error.status, error.message, error.param, error.kind, headers=error.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone):  # nobody reads it; logged and counted as such
+        return error_response(499, "the client closed the connection before its reply was ready", kind="client_closed")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
@@ -512,17 +537,29 @@ def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: O
         return error_response(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
 
     @app.post("/", response_model=ChatResponse, responses=ERROR_RESPONSES)
-    async def chat(request: ChatRequest):
-        response, history = await service.run(service.chat, request)
+    async def chat(request: ChatRequest, connection: Request):
+        job = await service.prepare(service.prompts.chat, request)
+        response, _, _ = await service.whole(job, connection)
         now = log_exchange(request.prompt, response)
-        return ChatResponse(response=response, history=history, status=200, time=now)
+        return ChatResponse(response=response, history=job["history"] + [(request.prompt, response)], status=200,
+                            time=now)
 
     card = ModelCard(id=MODEL_ID, created=started, owned_by="THUDM")
 
     @app.get("/health", response_model=Health, responses=ERROR_RESPONSES)
     async def health():
-        """The model is loaded and the server answers; what its worker is doing."""
-        return Health(model=MODEL_ID, generating=service.generating, waiting=service.waiting)
+        """The model is loaded and its engine takes requests (else 503); what the engine is doing."""
+        if not service.engine.alive:
+            raise ApiError(503, "the generation engine is not running (the server is shutting down, or it failed: "
+                                "see its log)", kind="server_error")
+        running = service.engine.batch_size
+        return Health(model=MODEL_ID, generating=running > 0, running=running, waiting=service.engine.queue_depth)
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
+    async def metrics_text():
+        """Prometheus' text format: requests, tokens, queue depth, batch size, latency histograms."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"], response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models():
@@ -538,15 +575,14 @@ def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: O
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}},
                                                   "description": "chat.completion.chunk events when stream is true"}})
-    async def chat_completions(request: ChatCompletionRequest):
-        job = await service.run(service.prepare_completion, request)
+    async def chat_completions(request: ChatCompletionRequest, connection: Request):
+        job = await service.prepare(service.prompts.completion, request)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = service.stream(lambda: service.completion(job))
         if request.stream:
+            events = service.completion(job, service.submit(job))  # a full queue is a 429, not a broken stream
             return StreamingResponse(stream_chunks(events, job, completion_id, created, request),
                                      media_type="text/event-stream")
-        async for response, tokens, finish_reason in events:
-            pass  # the last item is the whole response
+        response, tokens, finish_reason = await service.whole(job, connection)
         log_exchange(job["query"], response)
         return ChatCompletion(id=completion_id, created=created, model=MODEL_ID,
                               choices=[Choice(message=AssistantMessage(content=response), finish_reason=finish_reason)],
@@ -569,6 +605,7 @@ def main(argv=None) -> None:
                         help="longest request body; longer ones get 413")
     parser.add_argument("--header-timeout", type=float, default=10.0,
                         help="seconds a connection has to send a request's headers before it is closed")
+    add_serving_args(parser)
     add_model_args(parser)
     args = parser.parse_args(argv)
     if args.api_key is not None and not args.api_key.strip():
@@ -580,11 +617,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, tokenizer = load_from_args(args)
     app = create_app(model, tokenizer, api_key=args.api_key, allowed_hosts=allowed_hosts,
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     HeaderDeadline.seconds = args.header_timeout
-    service = app.state.service
     DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, http=HeaderDeadline),
-                   on_exit=lambda: setattr(service, "closing", True)).run()
+                   on_exit=app.state.service.engine.close).run()
 
 
 if __name__ == "__main__":

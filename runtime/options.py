@@ -7,11 +7,12 @@ import torch
 from chatglm_6b.modeling_chatglm import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 from .devices import DeviceError
+from .engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 from .finetunes import load_finetuned
 from .loading import CheckpointError
 
 __all__ = ["DEFAULT_MAX_LENGTH", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "DTYPES", "add_model_args",
-           "add_sampling_args", "load_from_args", "sampling"]
+           "add_sampling_args", "add_serving_args", "load_from_args", "sampling"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Below this, sampling picks the top token anyway (and dividing logits by ~1e-38 overflows float32).
@@ -44,6 +45,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="a checkpoint from ptuning/: P-Tuning v2 prefix, LoRA adapter or full fine-tune")
     group.add_argument("--pre-seq-len", "--pre_seq_len", dest="pre_seq_len", type=int, default=None,
                        help="PRE_SEQ_LEN of a P-Tuning checkpoint (default: what the checkpoint records)")
+    return parser
+
+
+def add_serving_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The generation engine's limits (api.py and web_demo.py serve many users at once)."""
+    group = parser.add_argument_group("serving")
+    group.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                       help="requests generated together, one token each per step")
+    group.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                       help="requests waiting for a place in the batch; beyond them a request is refused (429)")
     return parser
 
 

@@ -364,7 +364,7 @@ def test_fuzz_no_server_errors(server, api_schema):
                                                        checks.response_schema_conformance])
 
         exchange()
-    assert len(sent) == 6 and sum(sent.values()) >= 750, sent
+    assert len(sent) == 7 and sum(sent.values()) >= 750, sent
     assert post(server, "/v1/chat/completions", {"messages": MESSAGE, "max_tokens": 2}).status_code == 200
 
 
@@ -469,7 +469,8 @@ def test_sigterm_finishes_the_running_reply_and_refuses_the_queued(tmp_path):
     import signal
     import threading
 
-    server = Server(["--model-path", TINY], str(tmp_path / "server.log"), str(tmp_path))
+    # One row at a time, so that the two later requests wait in the queue.
+    server = Server(["--model-path", TINY, "--max-batch-size", "1"], str(tmp_path / "server.log"), str(tmp_path))
     try:
         streamed, answers = [], []
         started = threading.Event()
@@ -534,4 +535,4 @@ def test_slow_headers_are_cut_off(tmp_path):
 def test_health_answers_without_the_key(keyed_server):
     reply = requests.get(keyed_server.url + "/health", timeout=10)
     assert reply.status_code == 200
-    assert reply.json() == {"status": "ok", "model": "chatglm-6b", "generating": False, "waiting": 0}
+    assert reply.json() == {"status": "ok", "model": "chatglm-6b", "generating": False, "running": 0, "waiting": 0}
