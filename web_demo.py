@@ -1,4 +1,5 @@
-"""Web chat demo: a Gradio page that streams ChatGLM-6B's replies token by token.
+"""Web chat demo: a Gradio page that streams ChatGLM-6B's replies token by token. Every open tab chats at once:
+the replies are generated together by one batching engine (runtime/engine.py, --max-batch-size at a time).
 
     python web_demo.py                                   # the demo checkpoint, on http://127.0.0.1:7860
     python web_demo.py --model-path THUDM/chatglm-6b --quantize 4 --share
@@ -9,9 +10,11 @@ import re
 
 import gradio as gr
 
-from runtime.generation import STOPPED_MARK, in_own_thread
-from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args, load_from_args,
-                             sampling)
+from chatglm_6b.modeling_chatglm import encode_chat, process_response
+from runtime.engine import GenerationEngine
+from runtime.generation import STOPPED_MARK
+from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args,
+                             add_serving_args, load_from_args, sampling)
 
 LATEX_DELIMITERS = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 # Fenced code (possibly still open while a reply streams in) and inline code spans.
@@ -47,7 +50,7 @@ def mark_stopped(history, stopped):
     return to_messages(history, stopped), stopped
 
 
-def make_predict(model, tokenizer, greedy: bool = False):
+def make_predict(engine: GenerationEngine, tokenizer, greedy: bool = False):
     """The page's reply function: streams (chatbot messages, history). A failure shows its message and
     leaves the conversation as it was before the question, so the next question works."""
 
@@ -58,10 +61,12 @@ def make_predict(model, tokenizer, greedy: bool = False):
         # Show the question before the first token; Stop keeps whatever has been yielded so far.
         yield to_messages(history + [(query, "")], stopped), history + [(query, "")]
         try:
-            # Stop closes this generator on Gradio's event loop: the reply stops in its own thread.
-            for _, new_history in in_own_thread(lambda: model.stream_chat(
-                    tokenizer, query, history, max_length=max(1, int(max_length)),
-                    **sampling(temperature, top_p, greedy))):
+            reply = engine.submit(encode_chat(tokenizer, query, history), max_length=max(1, int(max_length)),
+                                  **sampling(temperature, top_p, greedy))
+            # Stop closes this generator: that only marks the reply cancelled, and the engine drops it at the
+            # end of its current step, so the page never waits for the model.
+            for _ in reply:
+                new_history = history + [(query, process_response(tokenizer.decode(reply.tokens)))]
                 yield to_messages(new_history, stopped), new_history
         except Exception as error:  # noqa: BLE001 (any failure of one reply must not break the session)
             gr.Warning(f"出错 / Error: {error}")
@@ -70,9 +75,9 @@ def make_predict(model, tokenizer, greedy: bool = False):
     return predict
 
 
-def build_demo(model, tokenizer, greedy: bool = False) -> gr.Blocks:
-    predict = make_predict(model, tokenizer, greedy)
-    context = model.config.max_sequence_length
+def build_demo(engine: GenerationEngine, tokenizer, greedy: bool = False) -> gr.Blocks:
+    predict = make_predict(engine, tokenizer, greedy)
+    context = engine.context
 
     with gr.Blocks(title="ChatGLM-6B", analytics_enabled=False) as demo:
         gr.Markdown("# ChatGLM-6B")
@@ -97,7 +102,8 @@ def build_demo(model, tokenizer, greedy: bool = False) -> gr.Blocks:
         # Empty the textbox at once (no queue), then stream the reply as a separate, cancellable step.
         submitted = gr.on([submit.click, user_input.submit], lambda text: ("", text), user_input, [user_input, query],
                           queue=False)
-        reply = submitted.then(predict, [query, max_length, top_p, temperature, history, stopped], [chatbot, history])
+        reply = submitted.then(predict, [query, max_length, top_p, temperature, history, stopped], [chatbot, history],
+                               concurrency_limit=engine.max_batch_size)  # the tabs' replies run in one batch
         # Marked once the cancel is through, so that no update of the stopped reply lands after the mark.
         stop.click(None, cancels=[reply]).then(mark_stopped, [history, stopped], [chatbot, stopped])
         clear.click(lambda: ([], [], []), None, [chatbot, history, stopped], cancels=[reply])
@@ -111,11 +117,13 @@ def main():
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding: deterministic replies (for tests)")
+    add_serving_args(parser)
     add_model_args(parser)
     args = parser.parse_args()
     model, tokenizer = load_from_args(args)
-    demo = build_demo(model, tokenizer, greedy=args.greedy)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    engine = GenerationEngine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue).start()
+    demo = build_demo(engine, tokenizer, greedy=args.greedy)
+    demo.queue(max_size=args.max_queue).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
 if __name__ == "__main__":

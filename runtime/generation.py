@@ -1,8 +1,6 @@
-"""The generation engine's home: what turns the model's growing replies into text a user is shown.
-(The batching engine that serves many users at once lands here too.)"""
-import queue
-import threading
-from typing import Callable, Iterator, List, Optional, Sequence
+"""What turns the model's growing replies into text a user is shown (the engine that generates them for many
+users at once is runtime/engine.py)."""
+from typing import List, Optional, Sequence
 
 from chatglm_6b.modeling_chatglm import TRAINING_TIME_PLACEHOLDER
 
@@ -26,35 +24,3 @@ def first_stop(text: str, stops: List[str]) -> Optional[int]:
     """Where the first of the stop strings starts in text, or None."""
     found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
     return min(found) if found else None
-
-
-def in_own_thread(make_iterator: Callable[[], Iterator]) -> Iterator:
-    """The items of make_iterator(), produced in a thread of their own. Closing this generator returns at
-    once: the source is closed in its own thread, after its current step (a forward pass), so that whoever
-    closes (a web server's event loop when a page presses Stop) never waits for the model."""
-    items, closed, end = queue.Queue(), threading.Event(), object()
-
-    def produce():
-        source = make_iterator()
-        try:
-            for item in source:
-                if closed.is_set():
-                    break
-                items.put((item, None))
-            items.put((end, None))
-        except Exception as error:  # noqa: BLE001 (re-raised in the consumer)
-            items.put((end, error))
-        finally:
-            source.close()
-
-    threading.Thread(target=produce, daemon=True, name="generation").start()
-    try:
-        while True:
-            item, error = items.get()
-            if error is not None:
-                raise error
-            if item is end:
-                return
-            yield item
-    finally:
-        closed.set()

@@ -192,16 +192,44 @@ def test_stop_keeps_the_partial_reply_and_history_matches_the_page(servers, page
         expect(bot).to_have_count(1)
 
 
-class FailingModel:
-    """stream_chat records its sampling options, yields a partial reply, then fails."""
+@browser_only
+def test_two_tabs_chat_at_once(servers, browser):
+    """The second tab's reply streams while the first tab's is still growing: both run in the engine's batch
+    (one at a time, the second would only start once the first had filled its 2048 tokens)."""
+    url = servers["tiny"].wait()
+    contexts = [browser.new_context(viewport={"width": 1280, "height": 900}) for _ in range(2)]
+    try:
+        first, second = [context.new_page() for context in contexts]
+        for tab in (first, second):
+            tab.goto(url)
+        send(first, "long")
+        expect(first.get_by_test_id("bot")).to_have_count(1)
+        send(second, "long")
+        expect(second.get_by_test_id("bot")).not_to_have_text([""])
+        shown = len(first.get_by_test_id("bot").inner_text())
+        time.sleep(1.0)
+        assert len(first.get_by_test_id("bot").inner_text()) > shown, "the first tab's reply had already ended"
+    finally:
+        for context in contexts:
+            context.close()
 
-    def __init__(self):
-        self.calls = []
 
-    def stream_chat(self, tokenizer, query, history, **kwargs):
-        self.calls.append(kwargs)
-        yield "半", history + [(query, "半")]
-        raise ValueError("the prompt is 9999 tokens and leaves no room for a reply")
+def tiny_engine(monkeypatch, slow_step=None):
+    """The real engine on the tiny checkpoint; the model's forward pass calls slow_step(n) first (n counts them)."""
+    from runtime.engine import GenerationEngine
+    from runtime.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(TINY)
+    forward, calls = model.forward, []
+
+    def watched(*args, **kwargs):
+        calls.append(1)
+        if slow_step is not None:
+            slow_step(len(calls))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", watched)
+    return GenerationEngine(model, tokenizer).start(), tokenizer
 
 
 def test_a_failed_reply_leaves_the_conversation_as_it_was(monkeypatch):
@@ -209,41 +237,51 @@ def test_a_failed_reply_leaves_the_conversation_as_it_was(monkeypatch):
 
     from web_demo import make_predict, to_messages
 
+    def fail_second_step(n):
+        if n == 2:
+            raise RuntimeError("out of memory in the second step")
+
     warnings = []
     monkeypatch.setattr(gr, "Warning", lambda message: warnings.append(message))
-    model = FailingModel()
+    engine, tokenizer = tiny_engine(monkeypatch, fail_second_step)
+    predict = make_predict(engine, tokenizer)
     earlier = [("你好", "你好！")]
-    outputs = list(make_predict(model, None)("再说一遍", 0, 0.7, 0.0, earlier))
+    outputs = list(predict("再说一遍", 200, 0.7, 0.0, earlier))
+    assert len(outputs) == 3 and outputs[1][1][-1][0] == "再说一遍"  # the question, one token, then the failure
     assert outputs[-1] == (to_messages(earlier), earlier)  # the failed turn is gone: the next question works
-    assert warnings and "leaves no room" in warnings[0]
-    assert model.calls[0]["do_sample"] is False and model.calls[0]["max_length"] == 1  # temperature 0: greedy
+    assert warnings == ["出错 / Error: out of memory in the second step"]
+    assert list(predict("再说一遍", 1, 0.7, 0.0, earlier))[-1] == (to_messages(earlier), earlier)  # no room
+    assert "leaves no room" in warnings[-1]
+    engine.stop()
 
 
-def test_stop_does_not_wait_for_the_model():
-    """Closing a reply (the page's Stop) returns while the model is still in its forward pass; the reply
-    ends in its own thread afterwards."""
+def test_stop_does_not_wait_for_the_model(monkeypatch):
+    """Closing a reply (the page's Stop) returns while the model is still in its forward pass; the engine
+    drops the reply after that step and serves the next one."""
     import threading
 
-    from runtime.generation import in_own_thread
+    from web_demo import make_predict
 
-    in_forward_pass, release, finished = threading.Event(), threading.Event(), threading.Event()
+    in_forward_pass, release = threading.Event(), threading.Event()
 
-    def slow_reply():
-        try:
-            yield "半"
+    def slow_third_step(n):
+        if n == 3:
             in_forward_pass.set()
             release.wait(30)  # a long forward pass
-            yield "半句"
-        finally:
-            finished.set()
 
-    reply = in_own_thread(slow_reply)
-    assert next(reply) == "半"
-    in_forward_pass.wait(10)
+    engine, tokenizer = tiny_engine(monkeypatch, slow_third_step)
+    reply = make_predict(engine, tokenizer, greedy=True)("long", 500, 0.7, 0.95, [])
+    next(reply), next(reply)  # the question, the first token
+    assert in_forward_pass.wait(10)
     closer = threading.Thread(target=reply.close)
     closer.start()
     closer.join(5)
     assert not closer.is_alive(), "closing waited for the forward pass"
-    assert not finished.is_set()
+    assert engine.batch_size == 1  # still in its step
     release.set()
-    assert finished.wait(10)  # the reply was closed in its own thread once its step ended
+    deadline = time.time() + 10
+    while engine.batch_size:
+        assert time.time() < deadline, "the stopped reply kept its row"
+        time.sleep(0.05)
+    assert len(list(make_predict(engine, tokenizer, greedy=True)("hi", 12, 0.7, 0.95, []))) > 1
+    engine.stop()
