@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import BatchEncoding, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import LogitsProcessor, LogitsProcessorList
@@ -56,6 +56,12 @@ def build_prompt(query: str, history: Optional[List[Tuple[str, str]]] = None) ->
         return query
     prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
     return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+def encode_chat(tokenizer, query: str, history: Optional[List[Tuple[str, str]]] = None) -> List[int]:
+    """The token ids chat() feeds the model for this turn. What users wrote is text, even where it spells a
+    control token ("<sop>", "[gMASK]"): only build_inputs_with_special_tokens adds the prompt's [gMASK] <sop>."""
+    return tokenizer(build_prompt(query, history), return_attention_mask=False, split_special_tokens=True)["input_ids"]
 
 
 _PUNCTUATION = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")]
@@ -529,9 +535,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                       "logits_processor": logits_processor, **kwargs}
         if do_sample:
             gen_kwargs.update(top_p=top_p, temperature=temperature)
-        # What users wrote is text, even where it spells a control token ("<sop>", "[gMASK]"): only
-        # build_inputs_with_special_tokens adds the prompt's [gMASK] <sop>.
-        inputs = tokenizer([build_prompt(query, history)], return_tensors="pt", split_special_tokens=True)
+        inputs = BatchEncoding({"input_ids": [encode_chat(tokenizer, query, history)]}, tensor_type="pt")
         prompt_length = inputs["input_ids"].shape[1]
         if "max_new_tokens" not in kwargs and prompt_length >= max_length:
             raise ValueError(f"the prompt is {prompt_length} tokens and leaves no room for a reply within "
