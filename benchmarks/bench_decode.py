@@ -28,14 +28,15 @@ from chatglm_6b.quantization import LAYER_LINEARS, QuantizedLinear, rows_per_blo
 from runtime.loading import load_model_and_tokenizer, release_freed_memory  # noqa: E402
 from runtime.options import DTYPES  # noqa: E402
 
-def random_6b(dtype_name: str) -> ChatGLMForConditionalGeneration:
-    """ChatGLM-6B's shapes with random weights. The model is built on the meta device and each tensor is
-    then allocated directly in its final dtype; quantized linears are filled a block of rows at a time,
-    so no float copy of the model (nor of one linear) exists when an integer dtype is asked for."""
+def random_6b(dtype_name: str, **config) -> ChatGLMForConditionalGeneration:
+    """ChatGLM-6B's shapes with random weights (`config` overrides ChatGLMConfig's defaults, e.g. token ids).
+    The model is built on the meta device and each tensor is then allocated directly in its final dtype;
+    quantized linears are filled a block of rows at a time, so no float copy of the model (nor of one
+    linear) exists when an integer dtype is asked for."""
     bits = {"int8": 8, "int4": 4}.get(dtype_name)
     dtype = torch.bfloat16 if bits else DTYPES[dtype_name]
     with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(ChatGLMConfig())
+        model = ChatGLMForConditionalGeneration(ChatGLMConfig(**config))
 
     def materialize(module, name, std=None):
         meta = getattr(module, name)
