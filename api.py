@@ -591,6 +591,14 @@ def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: O
     return app
 
 
+def app_from_args(args: argparse.Namespace) -> FastAPI:
+    """Loads the model the options name and makes the app (here, or in each Ray Serve replica)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model, tokenizer = load_from_args(args)
+    return create_app(model, tokenizer, api_key=args.api_key, allowed_hosts=args.allowed_hosts,
+                      max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Serve ChatGLM-6B over HTTP: the original POST / endpoint and "
                                                  "an OpenAI-compatible /v1 API.")
@@ -606,18 +614,32 @@ def main(argv=None) -> None:
     parser.add_argument("--header-timeout", type=float, default=10.0,
                         help="seconds a connection has to send a request's headers before it is closed")
     add_serving_args(parser)
+    ray = parser.add_argument_group("Ray Serve", "replicas of this server behind Ray's HTTP proxy "
+                                                 "(pip install 'ray[serve]'; see runtime/ray_serving.py)")
+    ray.add_argument("--ray-replicas", type=int, default=0, help="serve with this many replicas (0: no Ray)")
+    ray.add_argument("--ray-max-replicas", type=int, default=None, help="autoscale from --ray-replicas up to this")
+    ray.add_argument("--ray-num-cpus", type=float, default=1, help="CPUs per replica (its torch threads)")
+    ray.add_argument("--ray-num-gpus", type=float, default=0, help="GPUs per replica")
+    ray.add_argument("--ray-address", default=None, help="a running Ray cluster ('auto'); default: start one here")
     add_model_args(parser)
     args = parser.parse_args(argv)
     if args.api_key is not None and not args.api_key.strip():
         parser.error("--api-key (or $CHATGLM_API_KEY) is empty: give a key, or leave it out to serve without one")
     if args.allowed_hosts is not None:
-        allowed_hosts = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()]
+        args.allowed_hosts = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()]
     else:
-        allowed_hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES or args.host.startswith("127.") else None
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model, tokenizer = load_from_args(args)
-    app = create_app(model, tokenizer, api_key=args.api_key, allowed_hosts=allowed_hosts,
-                     max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+        args.allowed_hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES or args.host.startswith("127.") else None
+    if args.ray_replicas:
+        import functools
+
+        import api  # replicas unpickle the builder by its module's name, not as __main__
+        from runtime.ray_serving import serve_with_ray
+
+        serve_with_ray(functools.partial(api.app_from_args, args), args.ray_replicas, args.host, args.port,
+                       max_ongoing_requests=args.max_batch_size + args.max_queue, max_replicas=args.ray_max_replicas,
+                       num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus, address=args.ray_address)
+        return
+    app = app_from_args(args)
     HeaderDeadline.seconds = args.header_timeout
     DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, http=HeaderDeadline),
                    on_exit=app.state.service.engine.close).run()

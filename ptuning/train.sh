@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# LAUNCH runs main.py: "torchrun --nproc_per_node 2" trains on 2 processes (DDP; see README.md, more than one machine)
+LAUNCH=${LAUNCH:-python3}
 MODEL=${MODEL:-../demo_model}
 DATA=${DATA:-data/adgen_sample}
 SOURCE_LEN=${SOURCE_LEN:-96}
@@ -18,7 +20,7 @@ ACCUM=${ACCUM:-1}
 QUANT=${QUANT:-}
 OUTPUT=${OUTPUT:-output/adgen-$(basename "$MODEL")-pt-$PRE_SEQ_LEN-$LR}
 
-python3 main.py \
+$LAUNCH main.py \
     --do_train \
     --train_file "$DATA/train.json" \
     --validation_file "$DATA/dev.json" \

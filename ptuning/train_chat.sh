@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# LAUNCH runs main.py: "torchrun --nproc_per_node 2" trains on 2 processes (DDP; see README.md, more than one machine)
+LAUNCH=${LAUNCH:-python3}
 MODEL=${MODEL:-../demo_model}
 DATA=${DATA:-data/chat_sample}
 PRE_SEQ_LEN=${PRE_SEQ_LEN:-32}
@@ -17,7 +19,7 @@ ACCUM=${ACCUM:-1}
 QUANT=${QUANT:-}
 OUTPUT=${OUTPUT:-output/chat-$(basename "$MODEL")-pt-$PRE_SEQ_LEN-$LR}
 
-python3 main.py \
+$LAUNCH main.py \
     --do_train \
     --do_predict \
     --train_file "$DATA/train.json" \

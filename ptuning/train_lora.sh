@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# LAUNCH runs main.py: "torchrun --nproc_per_node 2" trains on 2 processes (DDP; see README.md, more than one machine)
+LAUNCH=${LAUNCH:-python3}
 MODEL=${MODEL:-../demo_model}
 DATA=${DATA:-data/adgen_sample}
 SOURCE_LEN=${SOURCE_LEN:-96}
@@ -19,7 +21,7 @@ BATCH=${BATCH:-8}
 ACCUM=${ACCUM:-1}
 OUTPUT=${OUTPUT:-output/adgen-$(basename "$MODEL")-lora-$LORA_RANK-$LR}
 
-python3 main.py \
+$LAUNCH main.py \
     --do_train \
     --train_file "$DATA/train.json" \
     --prompt_column content \
