@@ -268,6 +268,8 @@ def main(argv: Optional[List[str]] = None) -> ChatGLMTrainer:
                  f"make it longer than --max_source_length + 1 = {data_args.max_source_length + 1}.")
     training_args.generation_num_beams = data_args.num_beams or training_args.generation_num_beams or 1
     training_args.dataloader_pin_memory &= training_args.device.type != "cpu"  # nothing to pin for on CPU
+    if training_args.ddp_find_unused_parameters is None:  # torchrun: every trainable weight takes part in the loss
+        training_args.ddp_find_unused_parameters = False
     sampling = dict(do_sample=True, top_p=data_args.top_p, temperature=data_args.temperature) \
         if data_args.do_sample else {}
     trainer = ChatGLMTrainer(
