@@ -194,8 +194,11 @@ def load_model(model_args: ModelArguments, training_args: Seq2SeqTrainingArgumen
         model = get_peft_model(model, LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha,
                                                  lora_dropout=model_args.lora_dropout, task_type="CAUSAL_LM",
                                                  target_modules=model_args.lora_target.split(",")))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def size(param):  # ZeRO-3 has partitioned the weights already: their full size is ds_numel
+        return getattr(param, "ds_numel", param.numel())
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     logger.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
     return model, tokenizer
 
@@ -211,6 +214,15 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments,
             if getattr(training_args, flag):
                 logger.warning(f"--{flag} needs a GPU: on this CPU the model trains and evaluates in fp32.")
                 setattr(training_args, flag, False)
+        if training_args.mixed_precision == "fp16":
+            training_args.mixed_precision = "no"
+            if training_args.deepspeed:  # its config's "auto" fields were filled in from --fp16: fill them again
+                from accelerate.utils import DeepSpeedPlugin
+                from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+                training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
+                training_args.hf_deepspeed_config.trainer_config_process(training_args)
+                training_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         sys.exit("error: nothing to do: pass --do_train, --do_eval and/or --do_predict.")
     if model_args.pre_seq_len and model_args.lora_rank:

@@ -31,13 +31,16 @@ class ChatGLMTrainer(Seq2SeqTrainer):
         if is_peft(model):
             model.save_pretrained(output_dir)
         elif model.config.pre_seq_len is not None:
-            trained = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+            # state_dict: the weights gathered from the ranks under DeepSpeed ZeRO-3 (each holds a shard)
+            full = state_dict if state_dict is not None else dict(model.named_parameters())
+            trained = {name: full[name].detach().cpu().contiguous()
+                       for name, p in model.named_parameters() if p.requires_grad}
             save_file(trained, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
             model.config.save_pretrained(output_dir)
         else:
             # The Trainer turns the cache off for training; the saved model should generate with it.
             use_cache, model.config.use_cache = model.config.use_cache, True
-            save_checkpoint(model, self.processing_class, output_dir)
+            save_checkpoint(model, self.processing_class, output_dir, state_dict=state_dict)
             model.config.use_cache = use_cache
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 

@@ -344,12 +344,16 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
 
 # ---- saving -----------------------------------------------------------------------------------------
 
-def save_checkpoint(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, out_dir: str) -> None:
+def save_checkpoint(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, out_dir: str,
+                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Saves weights (safetensors), config, tokenizer and our model code side by side, so the directory
-    loads with `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` as well as with this repo."""
+    loads with `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` as well as with this repo.
+    state_dict, if given, is saved instead of the model's own (DeepSpeed ZeRO-3 gathers it from the ranks)."""
     os.makedirs(out_dir, exist_ok=True)
     model.config.auto_map = AUTO_MAP
-    model.save_pretrained(out_dir)
+    if state_dict is not None and model.config.tie_word_embeddings:  # as saved without one: tied copies left out
+        state_dict = {name: tensor for name, tensor in state_dict.items() if name not in model._tied_weights_keys}
+    model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
     tokenizer.save_pretrained(out_dir)
     copy_model_code(out_dir)

@@ -1,5 +1,6 @@
 """ptuning/main.py under torchrun on CPU (DDP over gloo): two processes train as one with twice the gradient
 accumulation, rank 0 alone writes the checkpoints, and a distributed run resumes step for step."""
+import importlib.util
 import json
 import os
 import shutil
@@ -75,3 +76,26 @@ def test_distributed_ptuning_saves_once_and_resumes_step_for_step(tmp_path):
     expected = [point for point in curve(tmp_path / "run" / "checkpoint-8" / "trainer_state.json") if point[0] > 4]
     assert [step for step, _ in after] == [step for step, _ in expected] == [5, 6, 7, 8]
     assert [loss for _, loss in after] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+@pytest.mark.parametrize("config", ["deepspeed.json", "deepspeed_zero3.json"], ids=["zero2", "zero3"])
+def test_deepspeed_zero_trains_on_two_cpu_processes_like_one(tmp_path, config):
+    """ds_train_finetune.sh (full fine-tuning) with DeepSpeed's CPU accelerator: ZeRO-2 and ZeRO-3 over 2
+    processes follow the 1-process curve, and rank 0 writes the whole (gathered) model."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MODEL": TINY, "STEPS": "4", "BATCH": "1", "ACCUM": "2",
+           "NUM_GPUS": "2", "DS_CONFIG": config, "LR": "1e-3", "SOURCE_LEN": "64", "TARGET_LEN": "64",
+           "OUTPUT": str(tmp_path / "ds")}
+    result = subprocess.run(["bash", "ptuning/ds_train_finetune.sh", "--use_cpu", "--max_train_samples", "4",
+                             "--logging_steps", "1", "--seed", "0", "--report_to", "none", "--disable_tqdm", "true"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    train(tmp_path / "one", 1, 4, max_steps=4, save_steps=4, learning_rate=1e-3)
+    ds, one = curve(tmp_path / "ds" / "trainer_state.json"), curve(tmp_path / "one" / "trainer_state.json")
+    assert [step for step, _ in ds] == [1, 2, 3, 4]
+    assert [loss for _, loss in ds] == pytest.approx([loss for _, loss in one], rel=1e-3)
+    saved, expected = load_file(str(tmp_path / "ds" / "model.safetensors")), \
+        load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert saved.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(saved[key], expected[key], rtol=1e-2, atol=1e-4)
