@@ -5,12 +5,13 @@ requests to show whether its memory stays flat.
 
     python benchmarks/bench_serving.py                          # the demo checkpoint
     python benchmarks/bench_serving.py --model 6b-int4          # ChatGLM-6B-shaped, random INT4 weights
+    python benchmarks/bench_serving.py --ray-replicas 2         # api.py --ray-replicas 2 (threads split among them)
 
 The 6B-shaped checkpoint is written once (about 4.4 GB, in the original -int4 layout: config with
 quantization_bit 4, packed int8 weights and their scales, bf16 embeddings) to --cache-dir, with the demo
-model's tokenizer: its token ids are the config's, and the embedding rows past the tokenizer's vocabulary are
-zero, so that the random model only ever writes tokens the tokenizer can decode (the whole 130528-row
-lm_head is still read every step).
+model's tokenizer: its token ids are the config's, and the embedding rows past the tokenizer's vocabulary (and
+of its end token and invisible tokens) are zero, so that the random model only writes visible text the
+tokenizer can decode, to the full max_tokens (the whole 130528-row lm_head is still read every step).
 """
 import argparse
 import concurrent.futures
@@ -46,8 +47,13 @@ def write_random_6b_int4(path: str) -> None:
                                          "pad_token_id")}
     torch.manual_seed(0)
     model = random_6b("int4", **ids)
+    # Rows of zeros score 0 while the random rows' scores spread around it, so that these are never the argmax
+    # (nor in the top 50): ids past the tokenizer's vocabulary, the end token (every reply runs to max_tokens)
+    # and the ids that decode to nothing visible (a reply of those would stream no text to time).
+    silent = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()] + [tokenizer.eos_token_id]
     with torch.no_grad():
         model.transformer.word_embeddings.weight[len(tokenizer):] = 0
+        model.transformer.word_embeddings.weight[silent] = 0
     model.config.quantization_bit, model.quantized = 4, True
     save_checkpoint(model, tokenizer, path)
 
@@ -92,8 +98,38 @@ def drive(url: str, clients: int, requests_per_client: int, max_tokens: int) -> 
 
 
 def memory_kb(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    """VmRSS or VmHWM of a process and all its descendants (Ray's replicas are the server's children)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except OSError:
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        try:
+            with open(f"/proc/{current}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith(field + ":")), 0)
+        except OSError:
+            pass
+    return total
+
+
+def wait_until_serving(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(url + "/health", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not become healthy in {timeout} s")
+        time.sleep(1)
 
 
 def main():
@@ -104,7 +140,8 @@ def main():
     parser.add_argument("--requests-per-client", type=int, default=None, help="default: 6 (demo), 2 (6B)")
     parser.add_argument("--max-tokens", type=int, default=None, help="per request; default: 128 (demo), 32 (6B)")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split among Ray replicas)")
+    parser.add_argument("--ray-replicas", type=int, default=0, help="serve with api.py --ray-replicas N")
     parser.add_argument("--soak", type=int, default=0, help="then this many more requests (16 clients), to "
                                                             "watch the server's memory")
     args = parser.parse_args()
@@ -121,14 +158,20 @@ def main():
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     log = os.path.join(args.cache_dir, f"bench_serving_{args.model}.log")
     os.makedirs(args.cache_dir, exist_ok=True)
-    server = LocalServer(os.path.join(ROOT, "api.py"), ["--model-path", path, "--max-batch-size",
-                                                         str(args.max_batch_size), "--max-queue", "256"],
-                         log_path=log, env=env)
+    server_args = ["--model-path", path, "--max-batch-size", str(args.max_batch_size), "--max-queue", "256"]
+    if args.ray_replicas:
+        server_args += ["--ray-replicas", str(args.ray_replicas),
+                        "--ray-num-cpus", str(args.threads / args.ray_replicas)]
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+    server = LocalServer(os.path.join(ROOT, "api.py"), server_args, log_path=log, env=env)
     try:
-        server.wait("/health", timeout=1800)
-        one_request(server.url, "你好", 4, stream=False)  # warm-up (kernel load, first allocations)
+        wait_until_serving(server.url, timeout=1800)
+        for _ in range(2 * max(1, args.ray_replicas)):  # warm-up (kernel load, first allocations), every replica
+            one_request(server.url, "你好", 4, stream=False)
         print(machine_summary())
-        print(f"model: {args.model} ({path}), {args.threads} threads, --max-batch-size {args.max_batch_size}, "
+        replicas = f"{args.ray_replicas} Ray Serve replicas, " if args.ray_replicas else ""
+        print(f"model: {args.model} ({path}), {replicas}{args.threads} threads, "
+              f"--max-batch-size {args.max_batch_size}, "
               f"{requests_per_client} requests per client of at most {max_tokens} tokens, greedy, half the "
               "clients streaming\n")
         print("| clients | completion tokens/s | vs 1 client | TTFT p50 / p99 (s) | between tokens p50 / p99 (ms) "
@@ -153,7 +196,7 @@ def main():
             print(f"\nsoak: {args.soak} requests from 16 clients; server RSS (GB) after each quarter:")
             marks = [memory_kb(server.process.pid, "VmRSS") / 2**20]
             for _ in range(4):
-                drive(server.url, 16, max(1, args.soak // 64), 16)
+                drive(server.url, 16, -(-args.soak // 64), 16)  # 16 clients x this x 4 >= soak
                 marks.append(memory_kb(server.process.pid, "VmRSS") / 2**20)
             print(" -> ".join(f"{m:.3f}" for m in marks), f"(spread {max(marks) - min(marks):.3f} GB, "
                   f"median {statistics.median(marks):.3f})")

@@ -9,7 +9,7 @@ import psutil
 import pytest
 import requests
 
-from test_api import API, DEMO_REPLY, HAS_DEMO, TINY, post
+from test_api import API, DEMO_REPLY, HAS_DEMO, post
 from tools.local_server import LocalServer
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ray[serve]')")
