@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Force the pure-torch path on CPU (tests, debugging). Also settable via the environment.
 FORCE_TORCH_FALLBACK = os.environ.get("CHATGLM_QUANT_FORCE_TORCH", "0") == "1"
+# The CPU kernel's integer path (int8 activations, VNNI dot products) where the CPU has it; off: its fp32 path.
+INTEGER_ACTIVATIONS = os.environ.get("CHATGLM_QUANT_FP32_ACTIVATIONS", "0") != "1"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +162,8 @@ def _load_cpu_kernels():
                  is_python_module=False, verbose=False)
             _cpu_kernels = torch.ops.chatglm_quant
             _cpu_kernel_build = ("native SIMD (-march=native)" if "-march=native" in flags else "portable (-O3)") + \
-                (", OpenMP" if "-fopenmp" in flags else ", no OpenMP: one thread")
+                (", OpenMP" if "-fopenmp" in flags else ", no OpenMP: one thread") + \
+                (", int8 activations with AVX512-VNNI" if _cpu_kernels.has_vnni() else ", fp32 activations (no VNNI)")
             return _cpu_kernels
         except Exception as e:  # no compiler, unsupported flags, ...
             errors.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
@@ -214,7 +217,7 @@ def _forward(x, qweight, scale, bias, bits):
     if x.device.type == "cpu":
         kernels = None if FORCE_TORCH_FALLBACK else _load_cpu_kernels()
         if kernels:
-            return kernels.linear(x, qweight, scale, bias, bits)
+            return kernels.linear(x, qweight, scale, bias, bits, int(INTEGER_ACTIVATIONS))
         return _torch_linear(x, qweight, scale, bias, bits)
     if x.device.type == "cuda":
         return _cuda_linear(x, qweight, scale, bias, bits)

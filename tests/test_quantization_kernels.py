@@ -70,7 +70,8 @@ SHAPES = [(1, 4096, 4096), (1, 37, 130), (3, 50, 258), (7, 64, 1000), (16, 33, 1
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_kernel_matches_reference_fp32(kernels, bits, M, N, K):
+def test_kernel_matches_reference_fp32(kernels, monkeypatch, bits, M, N, K):
+    monkeypatch.setattr(Q, "INTEGER_ACTIVATIONS", False)  # the fp32 path (the only one without VNNI)
     torch.manual_seed(M * N + K)
     w, b = torch.randn(N, K), torch.randn(N)
     q, s = Q.quantize_weight(w, bits)
@@ -97,6 +98,55 @@ def test_kernel_low_precision_inputs(kernels, bits, dtype):
     torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=1e-2, atol=1e-2)
 
 
+def same_quantization_reference(x, q, s, b, bits):
+    """The integer path's arithmetic in torch: x rounded to int8 per block of 128 (scale absmax / 127)."""
+    M, K = x.shape
+    blocks = x.float().view(M, K // 128, 128)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(step > 0, torch.round(blocks / step.clamp_min(1e-30)), torch.zeros_like(blocks))
+    return reference((xq * step).view(M, K), q, s, b, bits)
+
+
+needs_vnni = pytest.mark.skipif(not (Q._load_cpu_kernels() and Q._cpu_kernels.has_vnni()),
+                                reason="this CPU (or build) has no AVX512-VNNI: the integer path is not compiled")
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M,N,K", [(1, 5, 128), (3, 17, 256), (4, 64, 4096), (16, 33, 1024), (65, 9, 384),
+                                   (600, 7, 256)])
+def test_integer_path_is_the_int8_activation_arithmetic(kernels, bits, M, N, K):
+    torch.manual_seed(M + N + K)
+    q, s = Q.quantize_weight(torch.randn(N, K) * 0.02, bits)
+    x, b = torch.randn(M, K) * 3, torch.randn(N)
+    y = Q.quantized_linear(x, q, s, b, bits)
+    torch.testing.assert_close(y, same_quantization_reference(x, q, s, b, bits), rtol=1e-5, atol=1e-5)
+    exact = reference(x, q, s, b, bits)  # the fp32 path's result: within the int8 rounding of x
+    assert ((y - exact).abs().max() / exact.abs().max()) < 1e-2
+
+
+@needs_vnni
+def test_integer_path_takes_strided_low_precision_and_zero_inputs(kernels):
+    q, s = Q.quantize_weight(torch.randn(40, 256), 4)
+    wide = torch.randn(3, 512).bfloat16()
+    x = wide[:, ::2]  # strided
+    x[1] = 0  # an all-zero row: scale 0, output = bias
+    b = torch.randn(40)
+    y = Q.quantized_linear(x, q, s, b, 4)
+    assert y.dtype == torch.bfloat16 and torch.equal(y[1], b.bfloat16())
+    torch.testing.assert_close(y.float(), same_quantization_reference(x.float(), q, s, b, 4), rtol=1e-2, atol=1e-2)
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_row_gives_the_same_result_alone_and_in_a_batch(kernels, bits):
+    q, s = Q.quantize_weight(torch.randn(70, 512), bits)
+    x = torch.randn(9, 512)
+    batched = Q.quantized_linear(x, q, s, None, bits)
+    for i in range(9):
+        assert torch.equal(Q.quantized_linear(x[i:i + 1], q, s, None, bits), batched[i:i + 1])
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_dequantize_kernel(kernels, bits):
     q, s = Q.quantize_weight(torch.randn(9, 66), bits)
@@ -109,10 +159,10 @@ def test_kernel_honours_thread_count(kernels):
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = kernels.linear(x, q, s, None, 4)
+        y1 = kernels.linear(x, q, s, None, 4, 0)
     finally:
         torch.set_num_threads(n)
-    assert torch.equal(y1, kernels.linear(x, q, s, None, 4))  # rows are split, sums are not
+    assert torch.equal(y1, kernels.linear(x, q, s, None, 4, 0))  # rows are split, sums are not
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +175,7 @@ def test_fallback_matches_kernel(kernels, torch_fallback, bits):
     b = torch.randn(50)
     x = torch.randn(4, 258)
     y_fallback = Q.quantized_linear(x, q, s, b, bits)
-    y_kernel = kernels.linear(x, q, s, b, bits)
+    y_kernel = kernels.linear(x, q, s, b, bits, 0)
     torch.testing.assert_close(y_fallback, y_kernel, rtol=1e-5, atol=1e-4)
     xb = x.bfloat16()
     assert Q.quantized_linear(xb, q, s, b, bits).dtype == torch.bfloat16
