@@ -142,6 +142,9 @@ def main():
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split among Ray replicas)")
     parser.add_argument("--ray-replicas", type=int, default=0, help="serve with api.py --ray-replicas N")
+    parser.add_argument("--dtype", default=None, help="api.py --dtype; default: bf16 for 6b-int4 (the README's CPU "
+                                                      "command: its fp32 lm_head would be read at a fraction of "
+                                                      "the bandwidth for a few rows), the loader's for demo")
     parser.add_argument("--soak", type=int, default=0, help="then this many more requests (16 clients), to "
                                                             "watch the server's memory")
     args = parser.parse_args()
@@ -159,6 +162,9 @@ def main():
     log = os.path.join(args.cache_dir, f"bench_serving_{args.model}.log")
     os.makedirs(args.cache_dir, exist_ok=True)
     server_args = ["--model-path", path, "--max-batch-size", str(args.max_batch_size), "--max-queue", "256"]
+    dtype = args.dtype or ("bf16" if six_b else None)
+    if dtype:
+        server_args += ["--dtype", dtype]
     if args.ray_replicas:
         server_args += ["--ray-replicas", str(args.ray_replicas),
                         "--ray-num-cpus", str(args.threads / args.ray_replicas)]
@@ -170,7 +176,7 @@ def main():
             one_request(server.url, "你好", 4, stream=False)
         print(machine_summary())
         replicas = f"{args.ray_replicas} Ray Serve replicas, " if args.ray_replicas else ""
-        print(f"model: {args.model} ({path}), {replicas}{args.threads} threads, "
+        print(f"model: {args.model} ({path}{', ' + dtype if dtype else ''}), {replicas}{args.threads} threads, "
               f"--max-batch-size {args.max_batch_size}, "
               f"{requests_per_client} requests per client of at most {max_tokens} tokens, greedy, half the "
               "clients streaming\n")
