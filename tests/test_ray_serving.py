@@ -47,8 +47,13 @@ class RayServer(LocalServer):
                 seen.discard(None)
 
     def replica_processes(self):
-        return [p for p in psutil.Process(self.process.pid).children(recursive=True)
-                if "ServeReplica:chatglm:ChatGLM" in " ".join(p.cmdline())]
+        def is_replica(process):
+            try:
+                return "ServeReplica:chatglm:ChatGLM" in " ".join(process.cmdline())
+            except psutil.Error:  # gone, or a zombie (the killed replica until Ray reaps it)
+                return False
+
+        return [p for p in psutil.Process(self.process.pid).children(recursive=True) if is_replica(p)]
 
 
 @pytest.fixture(scope="module")
