@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -204,25 +205,18 @@ def load_model(model_args: ModelArguments, training_args: Seq2SeqTrainingArgumen
 
 
 def check_args(model_args: ModelArguments, data_args: DataTrainingArguments,
-               training_args: Seq2SeqTrainingArguments):
+               training_args: Seq2SeqTrainingArguments) -> Seq2SeqTrainingArguments:
+    """Refuses what cannot run; returns the training arguments, adjusted to this machine."""
     for args in (model_args, data_args):
         for name, default in IGNORED_OPTIONS.items():
             if hasattr(args, name) and getattr(args, name) != default:
                 logger.warning(f"--{name} is accepted for compatibility and ignored.")
     if training_args.device.type == "cpu":  # the original's scripts say --fp16 for their GPUs
-        for flag in ("fp16", "fp16_full_eval"):
-            if getattr(training_args, flag):
-                logger.warning(f"--{flag} needs a GPU: on this CPU the model trains and evaluates in fp32.")
-                setattr(training_args, flag, False)
-        if training_args.mixed_precision == "fp16":
-            training_args.mixed_precision = "no"
-            if training_args.deepspeed:  # its config's "auto" fields were filled in from --fp16: fill them again
-                from accelerate.utils import DeepSpeedPlugin
-                from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-
-                training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
-                training_args.hf_deepspeed_config.trainer_config_process(training_args)
-                training_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)
+        asked = [flag for flag in ("fp16", "fp16_full_eval") if getattr(training_args, flag)]
+        for flag in asked:
+            logger.warning(f"--{flag} needs a GPU: on this CPU the model trains and evaluates in fp32.")
+        if asked:  # made anew, so that what was derived from --fp16 (mixed precision, DeepSpeed's config) follows
+            training_args = dataclasses.replace(training_args, **{flag: False for flag in asked})
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         sys.exit("error: nothing to do: pass --do_train, --do_eval and/or --do_predict.")
     if model_args.pre_seq_len and model_args.lora_rank:
@@ -234,6 +228,7 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments,
                  "or for evaluation only.")
     if training_args.do_predict and not training_args.predict_with_generate:
         sys.exit("error: --do_predict generates answers: add --predict_with_generate.")
+    return training_args
 
 
 def main(argv: Optional[List[str]] = None) -> ChatGLMTrainer:
@@ -242,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> ChatGLMTrainer:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if training_args.should_log else logging.WARNING, force=True)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    check_args(model_args, data_args, training_args)
+    training_args = check_args(model_args, data_args, training_args)
     set_seed(training_args.seed)
 
     full_finetune = training_args.do_train and not (model_args.pre_seq_len or model_args.lora_rank)
