@@ -372,11 +372,13 @@ class ChatService:
         (response, completion tokens, finish reason). Stop strings are looked for in the text as the
         model wrote it (before process_response turns ASCII marks next to Chinese into Chinese ones);
         the first one ends generation. The end token is not counted as a completion token."""
-        response, tokens = "", 0
+        # The tokens as this consumer has received them (the engine's reply.tokens may already be ahead).
+        received, response, tokens = [], "", 0
         try:
             async for token in self.metrics.timed(reply):
-                tokens = len(reply.tokens) - (reply.finish_reason == "stop")
-                raw = self.tokenizer.decode(reply.tokens)
+                received.append(token)
+                tokens = len(received) - (token in self.engine.eos_ids)
+                raw = self.tokenizer.decode(received)
                 cut = first_stop(raw, job["stops"])
                 if cut is not None:
                     yield process_response(raw[:cut]), tokens, "stop"
@@ -385,11 +387,12 @@ class ChatService:
                 yield response, tokens, None
         except EngineClosed as closed:  # it was waiting when the server began shutting down
             raise shutting_down(closed) from None
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: its row is freed below
+            logger.info("client went away: generation stopped after %d tokens", len(reply.tokens))
+            raise
         finally:
-            reply.cancel()  # a client that went away frees its row at the next step
+            reply.cancel()
             self.metrics.completion_tokens.inc(len(reply.tokens))
-            if reply.finish_reason is None and reply.error is None:
-                logger.info("client went away: generation stopped after %d tokens", len(reply.tokens))
         yield response, tokens, reply.finish_reason
 
     async def whole(self, job: dict, connection: Request) -> Tuple[str, int, str]:
