@@ -92,19 +92,15 @@ class BatchCache:
         """Keep `rows`, drop the first `trim` columns, reallocate to `capacity` columns."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.blocked.device)
         kept = self.length - trim
-        blocked = torch.ones(len(rows), capacity, dtype=torch.bool, device=self.blocked.device)
-        blocked[:, :kept] = self.blocked.index_select(0, index)[:, trim:self.length]
+
+        def rebuilt(tensor, dim, fill):
+            return relaid([(tensor.index_select(0, index), trim, kept, 0)], dim, capacity, fill)
+
+        self.blocked = rebuilt(self.blocked, 1, True)
         for i, (keys, values) in enumerate(zip(self.keys, self.values)):
             if keys is not None:
-                self.keys[i] = self._moved(keys, index, trim, kept, capacity)
-                self.values[i] = self._moved(values, index, trim, kept, capacity)
-        self.blocked, self.lead, self.length = blocked, [self.lead[r] - trim for r in rows], kept
-
-    @staticmethod
-    def _moved(buffer, index, trim, kept, capacity):
-        moved = buffer.new_zeros((len(index), buffer.shape[1], capacity, buffer.shape[3]))
-        moved[:, :, :kept] = buffer.index_select(0, index)[:, :, trim:trim + kept]
-        return moved
+                self.keys[i], self.values[i] = rebuilt(keys, 2, 0), rebuilt(values, 2, 0)
+        self.lead, self.length = [self.lead[r] - trim for r in rows], kept
 
     def keep(self, rows: Sequence[int]) -> None:
         """Only these rows stay (in this order); padding that no remaining row needs is dropped."""
@@ -112,28 +108,34 @@ class BatchCache:
         self._rebuild(rows, trim, self.capacity - trim)
 
     def extend(self, other: "BatchCache") -> None:
-        """Appends other's rows; whichever is shorter is padded on the left."""
+        """Appends other's rows (both caches filled by a forward pass); the shorter is padded on the left."""
         length = max(self.length, other.length)
         capacity = max(self.capacity - self.length, other.capacity - other.length) + length
-        shifted = []
-        for cache in (self, other):
-            pad = length - cache.length
-            blocked = torch.ones(cache.rows, capacity, dtype=torch.bool, device=cache.blocked.device)
-            blocked[:, pad:length] = cache.blocked[:, :cache.length]
-            layers = []
-            for keys, values in zip(cache.keys, cache.values):
-                pair = []
-                for buffer in (keys, values):
-                    moved = buffer.new_zeros((buffer.shape[0], buffer.shape[1], capacity, buffer.shape[3]))
-                    moved[:, :, pad:length] = buffer[:, :, :cache.length]
-                    pair.append(moved)
-                layers.append(pair)
-            shifted.append((blocked, layers, [lead + pad for lead in cache.lead]))
-        (mine, my_layers, my_lead), (theirs, their_layers, their_lead) = shifted
-        self.blocked = torch.cat([mine, theirs])
-        for i, ((my_keys, my_values), (their_keys, their_values)) in enumerate(zip(my_layers, their_layers)):
-            self.keys[i], self.values[i] = torch.cat([my_keys, their_keys]), torch.cat([my_values, their_values])
-        self.lead, self.length = my_lead + their_lead, length
+
+        def joined(mine, theirs, dim, fill):
+            return relaid([(mine, 0, self.length, length - self.length),
+                           (theirs, 0, other.length, length - other.length)], dim, capacity, fill)
+
+        self.blocked = joined(self.blocked, other.blocked, 1, True)
+        for i in range(len(self.keys)):
+            self.keys[i] = joined(self.keys[i], other.keys[i], 2, 0)
+            self.values[i] = joined(self.values[i], other.values[i], 2, 0)
+        self.lead = [lead + length - self.length for lead in self.lead] + \
+            [lead + length - other.length for lead in other.lead]
+        self.length = length
+
+
+def relaid(parts, dim: int, capacity: int, fill) -> torch.Tensor:
+    """One new tensor, `capacity` long along `dim`, of the parts (tensor, start, count, offset) stacked along dim 0:
+    each part's [start, start + count) along `dim` lands at [offset, offset + count); the rest is `fill`."""
+    shape = list(parts[0][0].shape)
+    shape[0], shape[dim] = sum(tensor.shape[0] for tensor, *_ in parts), capacity
+    out = parts[0][0].new_full(shape, fill)
+    row = 0
+    for tensor, start, count, offset in parts:
+        out.narrow(0, row, tensor.shape[0]).narrow(dim, offset, count).copy_(tensor.narrow(dim, start, count))
+        row += tensor.shape[0]
+    return out
 
 
 class Reply:
