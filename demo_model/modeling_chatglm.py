@@ -22,6 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_chatglm import ChatGLMConfig
+from .quantization import float_linear
 from .streaming import stream_generate
 from .tokenization_chatglm import glm_attention_mask, glm_position_ids
 
@@ -158,6 +159,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
+# Query rows up to which a bf16 attention on the CPU is a decoding step (see SelfAttention.forward).
+DECODE_ROWS = 16
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) whose bf16 products on the CPU run on the CPU kernel, once
+    loaded (quantization.float_linear): about twice torch's speed for decoding's few rows."""
+
+    def forward(self, input):
+        return float_linear(input, self.weight, self.bias)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ChatGLMConfig, layer_id: int):
         super().__init__()
@@ -166,8 +179,8 @@ class SelfAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.position_encoding_2d = config.position_encoding_2d
         self.rotary_emb = RotaryEmbedding(self.head_dim // 2 if self.position_encoding_2d else self.head_dim)
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
                 cache: Optional[Cache] = None, output_attentions: bool = False):
@@ -194,13 +207,16 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_id)  # [B, nh, past + L, hd]
 
-        if output_attentions:
-            scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
+        # torch's CPU SDPA in bf16 costs 0.5 ms per call for a single query (10x its fp32 time, 28 calls a token)
+        # and 3x the plain product at 1024 keys: decoding steps in bf16 on the CPU take the plain product.
+        plain = output_attentions or (q.device.type == "cpu" and q.dtype == torch.bfloat16 and L <= DECODE_ROWS)
+        if plain:
+            scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5  # [B, nh, L, keys]
             if attention_bias is not None:
                 scores = scores + attention_bias
             probs = F.softmax(scores.float(), dim=-1).to(v.dtype)
             context = probs @ v
-            probs = probs.reshape(B * self.num_heads, L, -1)  # the original's layout: [B * nh, L, keys]
+            probs = probs.reshape(B * self.num_heads, L, -1) if output_attentions else None  # the original's layout
         else:
             probs = None
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
@@ -214,8 +230,8 @@ class MLP(nn.Module):
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
         inner = config.inner_hidden_size or 4 * config.hidden_size
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, inner)
-        self.dense_4h_to_h = nn.Linear(inner, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, inner)
+        self.dense_4h_to_h = Linear(inner, config.hidden_size)
 
     def forward(self, x):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
@@ -429,7 +445,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: ChatGLMConfig, empty_init: bool = True):
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.quantized = False
         if config.quantization_bit:
             self.quantize(config.quantization_bit, empty_init=empty_init)

@@ -136,6 +136,19 @@ def _build_tag(flags) -> str:
     return hashlib.sha1("\0".join(key).encode() + _cpu_id()).hexdigest()[:12]
 
 
+# The SIMD the kernel is compiled for: "native" (this CPU's, -march=native), or a narrower one to run (and test)
+# the AVX2 or plain scalar code on a CPU that has more.
+CPU_ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}
+CPU_ISA = os.environ.get("CHATGLM_CPU_ISA", "native")
+
+
+def _build_flags():
+    if CPU_ISA not in CPU_ISA_FLAGS:
+        raise ValueError(f"CHATGLM_CPU_ISA={CPU_ISA!r}: choose one of {', '.join(CPU_ISA_FLAGS)}")
+    # with OpenMP first; then a portable build (e.g. Apple clang has no -fopenmp)
+    return [["-O3", *CPU_ISA_FLAGS[CPU_ISA], "-fopenmp"], ["-O3"]]
+
+
 def _load_cpu_kernels():
     global _cpu_kernels, _cpu_kernel_build
     if _cpu_kernels is not None:
@@ -147,8 +160,7 @@ def _load_cpu_kernels():
     except (AttributeError, RuntimeError):
         pass
     errors = []
-    # native SIMD + OpenMP first; then a portable build (e.g. Apple clang has no -fopenmp)
-    for flags in (["-O3", "-march=native", "-fopenmp"], ["-O3"]):
+    for flags in _build_flags():
         try:
             from torch.utils.cpp_extension import _get_build_directory, load
 
@@ -162,9 +174,8 @@ def _load_cpu_kernels():
             load(name=name, sources=[src], extra_cflags=flags + ["-std=c++17"], extra_ldflags=ldflags,
                  is_python_module=False, verbose=False)
             _cpu_kernels = torch.ops.chatglm_quant
-            _cpu_kernel_build = ("native SIMD (-march=native)" if "-march=native" in flags else "portable (-O3)") + \
-                (", OpenMP" if "-fopenmp" in flags else ", no OpenMP: one thread") + \
-                (", int8 activations with AVX512-VNNI" if _cpu_kernels.has_vnni() else ", fp32 activations (no VNNI)")
+            _cpu_kernel_build = f"{_cpu_kernels.simd()} ({' '.join(flags)}" + \
+                ("" if "-fopenmp" in flags else "; no OpenMP: one thread") + ")"
             return _cpu_kernels
         except Exception as e:  # no compiler, unsupported flags, ...
             errors.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
@@ -179,8 +190,8 @@ def prepare_cpu_kernel() -> bool:
     first reply; then one line on how it was built, or why the slower torch path runs. True if it loaded."""
     if _cpu_kernels is None:
         start = time.perf_counter()
-        logger.warning("chatglm quantization: loading the INT8/INT4 CPU kernel (compiled on first use here, "
-                       "about 20 s; cached after that)")
+        logger.warning("chatglm quantization: loading the INT8/INT4/bf16 CPU kernel (compiled on first use here, "
+                       "about 30 s; cached after that)")
         if _load_cpu_kernels():
             logger.warning("chatglm quantization: CPU kernel ready in %.1f s: %s", time.perf_counter() - start,
                            _cpu_kernel_build or "already loaded in this process")
@@ -264,6 +275,24 @@ def quantized_linear(x, qweight, scale, bias, bits):
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _QuantizedLinearFn.apply(x, qweight, scale, bias, bits)
     return _forward(x, qweight, scale, bias, bits)
+
+
+# Up to this many input rows the bf16 kernel beats torch's bf16 matmul here (for 1 to 16 rows by 1.5-2x); above,
+# torch's blocked GEMM does (2x at 128 rows). Decoding (one row per sequence) stays on the kernel.
+BF16_KERNEL_ROWS = 64
+
+
+def float_linear(x, weight, bias=None):
+    """F.linear, run by the CPU kernel's bf16 product where that applies: bf16 weight and input on the CPU, at
+    most BF16_KERNEL_ROWS rows, no gradient wanted, and the kernel already loaded (prepare_cpu_kernel: it is never
+    compiled here, inside a reply). torch's own bf16 matmul reads the weight of a few-row product at about half
+    the memory bandwidth."""
+    if (x.dtype == torch.bfloat16 and x.numel() <= BF16_KERNEL_ROWS * x.shape[-1] and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and _cpu_kernels
+            and not FORCE_TORCH_FALLBACK
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+        return _cpu_kernels.bf16_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,16 +1,21 @@
 # Copy of chatglm_6b/quantization_kernels.py, written by `python tools/copy_model_code.py` (runtime.loading.copy_model_code): edit chatglm_6b/quantization_kernels.py, not this file.
-"""C++ source of the CPU kernels used by quantization.py.
+"""C++ source of the CPU kernels used by quantization.py (and, for bf16 weights, by modeling_chatglm.Linear).
 
 The source lives in a Python string (not a .cpp file) because Hugging Face remote code only copies
 .py files that are imported relatively; quantization.py writes it into the torch extensions dir and
-compiles it once per source/CPU (see quantization._load_cpu_kernels).
+compiles it once per source/CPU/flags (see quantization._load_cpu_kernels).
 
 Ops (registered as torch.ops.chatglm_quant.*):
   linear(x[*, K] f32/bf16/f16, qweight int8 [N, K*bits/8], scale [N], bias [N]?, bits, integer) -> [*, N] in x's
-      dtype; integer=1 quantizes x to int8 per block of 128 and uses AVX512-VNNI dot products where the build has
-      them and K is a multiple of 128, else (and with integer=0) weights are decoded to fp32 for fp32 FMAs
+      dtype; integer=1 quantizes x to int8 per block of 128 and uses integer dot products (AVX512-VNNI, or AVX2)
+      where the build has them and K is a multiple of 128, else (and with integer=0) weights are decoded to fp32
+      for fp32 FMAs
+  bf16_linear(x [*, K], weight bf16 [N, K], bias [N]?) -> [*, N] in x's dtype, fp32 accumulation
   dequantize(qweight int8 [N, K*bits/8], scale [N], bits) -> float32 [N, K]
-  has_vnni() -> whether this build has the integer path
+  has_integer_path() -> whether this build has the integer path; simd() -> the SIMD paths of this build
+
+The SIMD paths are chosen when compiling (-march=native, or the flags of CHATGLM_CPU_ISA in quantization.py):
+AVX-512, AVX2 or plain scalar code, each with the same results up to the order of fp32 sums.
 
 Weight format (ChatGLM-6B checkpoints): w[n, k] ~= q[n, k] * scale[n]; for int4, byte j of a row holds
 q[2j] in its high nibble and q[2j+1] in its low nibble, both two's complement.
@@ -26,6 +31,8 @@ CPP_SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <string>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------
@@ -197,16 +204,94 @@ static at::Tensor deinterleave(const at::Tensor& x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Integer path (AVX512-VNNI): activations quantized on the fly to int8 per block of QB = 128 values of a
-// row (scale = absmax / 127), weights as unsigned bytes (q + 8 for int4: the nibble with its top bit
-// flipped; q + 128 for int8), and vpdpbusd multiplies 64 byte pairs per instruction, four times the MACs
-// of an fp32 FMA. Per block: dot(q + off, xq) = dot(q, xq) + off * sum(xq), so the offset is taken back
-// once per row (corr). Used whenever K is a multiple of QB, for every number of rows, so that a row
-// gives the same result alone and in a batch.
+// Integer path: activations quantized on the fly to int8 per block of QB = 128 values of a row
+// (scale = absmax / 127) and integer dot products of each block, four times the MACs per instruction of an
+// fp32 FMA. Two builds of the block product:
+//   AVX512-VNNI: weights as unsigned bytes (q + 8 for int4: the nibble with its top bit flipped; q + 128 for
+//     int8) and vpdpbusd, 64 byte pairs per instruction. dot(q + off, xq) = dot(q, xq) + off * sum(xq), so the
+//     offset is taken back once per row (corr).
+//   AVX2: vpmaddubsw + vpmaddwd. Its int16 pair sums saturate for bytes above 128, so int4 uses the same
+//     q + 8 offset (15 * 127 * 2 fits) and int8 multiplies |q| by x with q's sign moved onto x (no offset).
+// Used whenever K is a multiple of QB, for every number of rows, so that a row gives the same result alone
+// and in a batch. The scalar build has no integer path (the fp32 path runs).
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t QB = 128;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-constexpr bool kHasVnni = true;
+#define CHATGLM_INTEGER_ISA "AVX512-VNNI"
+constexpr int kInt8Offset = 128;
+using iacc = __m512;
+struct WBlock { __m512i v[2]; };  // one row's block, in the order of the activation block
+struct XBlock { __m512i v[2]; };
+static inline iacc iacc_zero() { return _mm512_setzero_ps(); }
+static inline float iacc_sum(iacc a) { return _mm512_reduce_add_ps(a); }
+static inline void load_x(XBlock& x, const int8_t* p) {
+  x.v[0] = _mm512_loadu_si512(p);
+  x.v[1] = _mm512_loadu_si512(p + 64);
+}
+static inline void load_w4(WBlock& w, const int8_t* p) {  // 64 bytes: high nibbles q[2j], low nibbles q[2j + 1]
+  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(0x08), v = _mm512_loadu_si512(p);
+  w.v[0] = _mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), eight);
+  w.v[1] = _mm512_xor_si512(_mm512_and_si512(v, low4), eight);
+}
+static inline void load_w8(WBlock& w, const int8_t* p) {
+  const __m512i top = _mm512_set1_epi8((char)0x80);
+  w.v[0] = _mm512_xor_si512(_mm512_loadu_si512(p), top);
+  w.v[1] = _mm512_xor_si512(_mm512_loadu_si512(p + 64), top);
+}
+template <int BITS>
+static inline iacc block_fma(const WBlock& w, const XBlock& x, float xs, iacc acc) {
+  const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w.v[0], x.v[0]), w.v[1], x.v[1]);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs), acc);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CHATGLM_INTEGER_ISA "AVX2"
+constexpr int kInt8Offset = 0;
+using iacc = __m256;
+struct WBlock { __m256i v[4]; };
+struct XBlock { __m256i v[4]; };
+static inline iacc iacc_zero() { return _mm256_setzero_ps(); }
+static inline float iacc_sum(iacc a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+static inline void load_x(XBlock& x, const int8_t* p) {
+  for (int i = 0; i < 4; i++) x.v[i] = _mm256_loadu_si256((const __m256i*)(p + 32 * i));
+}
+// The int4 activation block is (64 even k, 64 odd k): bytes [0, 32) hold the k of x.v[0] (high nibbles) and of
+// x.v[2] (low nibbles), bytes [32, 64) those of x.v[1] and x.v[3].
+static inline void load_w4(WBlock& w, const int8_t* p) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(0x08);
+  for (int h = 0; h < 2; h++) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * h));
+    w.v[h] = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), eight);
+    w.v[2 + h] = _mm256_xor_si256(_mm256_and_si256(v, low4), eight);
+  }
+}
+static inline void load_w8(WBlock& w, const int8_t* p) {
+  for (int i = 0; i < 4; i++) w.v[i] = _mm256_loadu_si256((const __m256i*)(p + 32 * i));
+}
+template <int BITS>
+static inline iacc block_fma(const WBlock& w, const XBlock& x, float xs, iacc acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i dot;
+  if constexpr (BITS == 4) {  // four int16 pair sums of at most 15 * 127 * 2 each still fit int16
+    __m256i s = _mm256_maddubs_epi16(w.v[0], x.v[0]);
+    for (int i = 1; i < 4; i++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w.v[i], x.v[i]));
+    dot = _mm256_madd_epi16(s, ones);
+  } else {  // |q| <= 128 as an unsigned byte, x in [-127, 127] takes q's sign: pair sums <= 32512
+    dot = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+      const __m256i s = _mm256_maddubs_epi16(_mm256_abs_epi8(w.v[i]), _mm256_sign_epi8(x.v[i], w.v[i]));
+      dot = _mm256_add_epi32(dot, _mm256_madd_epi16(s, ones));
+    }
+  }
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs), acc);
+}
+#endif
+
+#ifdef CHATGLM_INTEGER_ISA
+constexpr bool kIntegerPath = true;
 // x [M, K] fp32 -> xq [M, K] int8 (for int4 each block de-interleaved: its 64 even k, then its 64 odd k),
 // xs [M, K / QB] block scales, corr [M] = off * sum over blocks of xs * sum(xq).
 static void quantize_rows(const float* x, int64_t M, int64_t K, bool deinterleaved, int off, int8_t* xq,
@@ -237,46 +322,37 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, bool deinterleav
 
 // pf: the next tile's weights (or nullptr), prefetched as the fp32 tile does: ROWS * ldw bytes over nb blocks.
 template <int BITS, int ROWS, int MROWS>
-static void vnni_tile(const int8_t* xq, const float* xs, const float* corr, int64_t K, const int8_t* w, int64_t ldw,
-                      const float* scale, const float* bias, float* out, int64_t ldo, const int8_t* pf) {
+static void int_tile(const int8_t* xq, const float* xs, const float* corr, int64_t K, const int8_t* w, int64_t ldw,
+                     const float* scale, const float* bias, float* out, int64_t ldo, const int8_t* pf) {
   const int64_t nb = K / QB;
   constexpr int kLines = ROWS * BITS * QB / 8 / 64;  // cache lines of the next tile per block
-  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(0x08), top = _mm512_set1_epi8((char)0x80);
-  __m512 acc[MROWS][ROWS];
+  iacc acc[MROWS][ROWS];
   for (int m = 0; m < MROWS; m++)
-    for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < ROWS; r++) acc[m][r] = iacc_zero();
   for (int64_t b = 0; b < nb; b++) {
     if (pf)
       for (int j = 0; j < kLines; j++) __builtin_prefetch(pf + (b * kLines + j) * 64, 0, 2);
-    __m512i wa[ROWS], wb[ROWS];  // int4: q[2j] + 8 and q[2j + 1] + 8; int8: the block's two halves, + 128
+    WBlock wb[ROWS];
     for (int r = 0; r < ROWS; r++) {
-      if constexpr (BITS == 4) {
-        const __m512i v = _mm512_loadu_si512(w + r * ldw + b * (QB / 2));
-        wa[r] = _mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), eight);
-        wb[r] = _mm512_xor_si512(_mm512_and_si512(v, low4), eight);
-      } else {
-        wa[r] = _mm512_xor_si512(_mm512_loadu_si512(w + r * ldw + b * QB), top);
-        wb[r] = _mm512_xor_si512(_mm512_loadu_si512(w + r * ldw + b * QB + 64), top);
-      }
+      if constexpr (BITS == 4) load_w4(wb[r], w + r * ldw + b * (QB / 2));
+      else load_w8(wb[r], w + r * ldw + b * QB);
     }
     for (int m = 0; m < MROWS; m++) {
-      const __m512i xa = _mm512_loadu_si512(xq + m * K + b * QB), xb = _mm512_loadu_si512(xq + m * K + b * QB + 64);
-      const __m512 sb = _mm512_set1_ps(xs[m * nb + b]);
-      for (int r = 0; r < ROWS; r++) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wa[r], xa), wb[r], xb);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sb, acc[m][r]);
-      }
+      XBlock xb;
+      load_x(xb, xq + m * K + b * QB);
+      const float sb = xs[m * nb + b];
+      for (int r = 0; r < ROWS; r++) acc[m][r] = block_fma<BITS>(wb[r], xb, sb, acc[m][r]);
     }
   }
   for (int m = 0; m < MROWS; m++)
     for (int r = 0; r < ROWS; r++)
-      out[m * ldo + r] = (_mm512_reduce_add_ps(acc[m][r]) - corr[m]) * scale[r] + (bias ? bias[r] : 0.f);
+      out[m * ldo + r] = (iacc_sum(acc[m][r]) - corr[m]) * scale[r] + (bias ? bias[r] : 0.f);
 }
 
 template <int BITS, int ROWS>
-static void vnni_rows(const int8_t* xq, const float* xs, const float* corr, int64_t M, int64_t K, const int8_t* w,
-                      int64_t ldw, int64_t n, const float* scale, const float* bias, float* out, int64_t N,
-                      bool prefetch) {
+static void int_rows(const int8_t* xq, const float* xs, const float* corr, int64_t M, int64_t K, const int8_t* w,
+                     int64_t ldw, int64_t n, const float* scale, const float* bias, float* out, int64_t N,
+                     bool prefetch) {
   const int64_t nb = K / QB;
   for (int64_t m = 0; m < M; m += MB) {
     const int8_t* xm = xq + m * K;
@@ -285,41 +361,190 @@ static void vnni_rows(const int8_t* xq, const float* xs, const float* corr, int6
     const int8_t* wn = w + n * ldw;
     const int8_t* pf = prefetch && m == 0 ? wn + ROWS * ldw : nullptr;  // the first sweep reads from DRAM
     switch (std::min<int64_t>(MB, M - m)) {
-      case 4: vnni_tile<BITS, ROWS, 4>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
-      case 3: vnni_tile<BITS, ROWS, 3>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
-      case 2: vnni_tile<BITS, ROWS, 2>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
-      default: vnni_tile<BITS, ROWS, 1>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
+      case 4: int_tile<BITS, ROWS, 4>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
+      case 3: int_tile<BITS, ROWS, 3>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
+      case 2: int_tile<BITS, ROWS, 2>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
+      default: int_tile<BITS, ROWS, 1>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
     }
   }
 }
 
 template <int BITS>
-static void vnni_linear(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const float* scale,
-                        const float* bias, float* out) {
+static void integer_linear(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const float* scale,
+                           const float* bias, float* out) {
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M * (K / QB)), corr(M);
-  quantize_rows(x, M, K, BITS == 4, BITS == 4 ? 8 : 128, xq.data(), xs.data(), corr.data());
+  quantize_rows(x, M, K, BITS == 4, BITS == 4 ? 8 : kInt8Offset, xq.data(), xs.data(), corr.data());
   const int64_t ldw = K * BITS / 8, tiles = (N + R - 1) / R;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
       const int64_t n = t * R;
       if (n + R <= N) {
-        vnni_rows<BITS, R>(xq.data(), xs.data(), corr.data(), M, K, w, ldw, n, scale, bias, out, N,
-                           n + 2 * R <= N && t + 1 < t1);
+        int_rows<BITS, R>(xq.data(), xs.data(), corr.data(), M, K, w, ldw, n, scale, bias, out, N,
+                          n + 2 * R <= N && t + 1 < t1);
       } else {
         for (int64_t i = n; i < N; i++)
-          vnni_rows<BITS, 1>(xq.data(), xs.data(), corr.data(), M, K, w, ldw, i, scale, bias, out, N, false);
+          int_rows<BITS, 1>(xq.data(), xs.data(), corr.data(), M, K, w, ldw, i, scale, bias, out, N, false);
       }
     }
   });
 }
 #else
-constexpr bool kHasVnni = false;
+#define CHATGLM_INTEGER_ISA ""
+constexpr bool kIntegerPath = false;
 template <int BITS>
-static void vnni_linear(const float*, int64_t, int64_t, const int8_t*, int64_t, const float*, const float*, float*) {}
+static void integer_linear(const float*, int64_t, int64_t, const int8_t*, int64_t, const float*, const float*,
+                           float*) {}
 #endif
 
-bool has_vnni() { return kHasVnni; }
+// ---------------------------------------------------------------------------------------------
+// bf16 weights (the tied lm_head / word embedding, whole bf16 models): out[m, n] = sum_k x[m, k] w[n, k] + b[n]
+// with fp32 accumulation, tiled as the quantized kernels are. x is rounded to bf16 (as torch's bf16 matmul
+// takes it). With AVX512-BF16, vdpbf16ps multiplies 32 bf16 pairs per instruction; else each weight vector is
+// widened to fp32 (a 16-bit shift) for fp32 FMAs. torch's bf16 matmul reads a few-row product's weight at
+// about half the memory bandwidth here; this streams it once, prefetching the next tile.
+// ---------------------------------------------------------------------------------------------
+static inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define CHATGLM_BF16_ISA "AVX512-BF16"
+constexpr int64_t BK = 32;  // k per step: one vdpbf16ps
+template <int ROWS, int M>
+static void bf16_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, const float* bias, float* out,
+                      int64_t ldo, const uint16_t* pf) {
+  const int64_t Kv = K / BK * BK;
+  __m512 acc[M][ROWS];
+  for (int m = 0; m < M; m++)
+    for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kv; k += BK) {
+    if (pf)  // the next tile: ROWS rows of 2K bytes, ROWS cache lines per step
+      for (int j = 0; j < ROWS; j++) __builtin_prefetch(pf + k * ROWS + j * 32, 0, 2);
+    __m512bh wv[ROWS];
+    for (int r = 0; r < ROWS; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+    for (int m = 0; m < M; m++) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
+      for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+    }
+  }
+  for (int m = 0; m < M; m++)
+    for (int r = 0; r < ROWS; r++) {
+      float s = _mm512_reduce_add_ps(acc[m][r]);
+      for (int64_t k = Kv; k < K; k++) s += bf16_to_float(x[m * ldx + k]) * bf16_to_float(w[r * K + k]);
+      out[m * ldo + r] = s + (bias ? bias[r] : 0.f);
+    }
+}
+#else
+#define CHATGLM_BF16_ISA "fp32 FMA"
+#if defined(__AVX512F__)
+static inline vf vbf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline vf vbf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+#else
+static inline vf vbf16(const uint16_t* p) { return bf16_to_float(*p); }
+#endif
+constexpr int64_t BK = V;
+// x: fp32 rows (the bf16 input widened once)
+template <int ROWS, int M>
+static void bf16_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t K, const float* bias, float* out,
+                      int64_t ldo, const uint16_t* pf) {
+  const int64_t Kv = K / BK * BK;
+  constexpr int kLines = ROWS * BK * 2 / 64;  // cache lines of the next tile per step (0 for scalars)
+  vf acc[M][ROWS];
+  for (int m = 0; m < M; m++)
+    for (int r = 0; r < ROWS; r++) acc[m][r] = vzero();
+  for (int64_t k = 0; k < Kv; k += BK) {
+    if (pf)
+      for (int j = 0; j < kLines; j++) __builtin_prefetch(pf + k * ROWS + j * 32, 0, 2);
+    vf wv[ROWS];
+    for (int r = 0; r < ROWS; r++) wv[r] = vbf16(w + r * K + k);
+    for (int m = 0; m < M; m++) {
+      const vf xv = vload(x + m * ldx + k);
+      for (int r = 0; r < ROWS; r++) acc[m][r] = vfma(wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; m++)
+    for (int r = 0; r < ROWS; r++) {
+      float s = vsum(acc[m][r]);
+      for (int64_t k = Kv; k < K; k++) s += x[m * ldx + k] * bf16_to_float(w[r * K + k]);
+      out[m * ldo + r] = s + (bias ? bias[r] : 0.f);
+    }
+}
+#endif
+
+template <typename X, int ROWS>
+static void bf16_rows(const X* x, int64_t M, int64_t K, const uint16_t* w, int64_t n, const float* bias, float* out,
+                      int64_t N, bool prefetch) {
+  const uint16_t* wn = w + n * K;
+  const float* bn = bias ? bias + n : nullptr;
+  for (int64_t m = 0; m < M; m += MB) {
+    const uint16_t* pf = prefetch && m == 0 ? wn + ROWS * K : nullptr;
+    switch (std::min<int64_t>(MB, M - m)) {
+      case 4: bf16_tile<ROWS, 4>(x + m * K, K, wn, K, bn, out + m * N + n, N, pf); break;
+      case 3: bf16_tile<ROWS, 3>(x + m * K, K, wn, K, bn, out + m * N + n, N, pf); break;
+      case 2: bf16_tile<ROWS, 2>(x + m * K, K, wn, K, bn, out + m * N + n, N, pf); break;
+      default: bf16_tile<ROWS, 1>(x + m * K, K, wn, K, bn, out + m * N + n, N, pf); break;
+    }
+  }
+}
+
+// bf16_linear(x [*, K] float, weight bf16 [N, K], bias [N]?) -> [*, N] in x's dtype
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2, "weight must be 2-D bf16");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors expected");
+  auto w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, weight expects ", K);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have one entry per output row");
+    b = bias->to(at::kFloat).contiguous();
+  }
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  auto x2 = x.reshape({-1, K}).to(at::kBFloat16).contiguous();  // [M, K] bf16
+  using X = uint16_t;
+#else
+  auto x2 = x.reshape({-1, K}).to(at::kBFloat16).to(at::kFloat).contiguous();  // [M, K] bf16 values in fp32
+  using X = float;
+#endif
+  const int64_t M = x2.size(0);
+  auto out = at::empty({M, N}, x2.options().dtype(at::kFloat));  // [M, N] fp32
+  const X* xp = reinterpret_cast<const X*>(x2.data_ptr());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t tiles = (N + R - 1) / R;
+  if (M > 0 && N > 0) {
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) {
+        const int64_t n = t * R;
+        if (n + R <= N) bf16_rows<X, R>(xp, M, K, wp, n, bp, op, N, n + 2 * R <= N && t + 1 < t1);
+        else for (int64_t i = n; i < N; i++) bf16_rows<X, 1>(xp, M, K, wp, i, bp, op, N, false);
+      }
+    });
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.view(shape).to(x.scalar_type());
+}
+
+// The SIMD paths of this build, e.g. "AVX-512, integer AVX512-VNNI, bf16 AVX512-BF16".
+std::string simd() {
+  const std::string base = V == 16 ? "AVX-512" : V == 8 ? "AVX2" : "scalar";
+  const std::string integer = kIntegerPath ? std::string(", int8 activations with ") + CHATGLM_INTEGER_ISA
+                                           : std::string(", fp32 activations (no integer path)");
+  return base + integer + ", bf16 weights with " + CHATGLM_BF16_ISA;
+}
+
+bool has_integer_path() { return kIntegerPath; }
 
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
@@ -371,11 +596,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   }
   auto out = at::empty({M, N}, x2.options());                   // [M, N] fp32
 
-  if (integer && kHasVnni && K % QB == 0 && M > 0 && N > 0) {
+  if (integer && kIntegerPath && K % QB == 0 && M > 0 && N > 0) {
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    if (bits == 8) vnni_linear<8>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
+    if (bits == 8) integer_linear<8>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
                                   out.data_ptr<float>());
-    else vnni_linear<4>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
+    else integer_linear<4>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
                         out.data_ptr<float>());
   } else if (M > kGemmRows) {
     const int64_t rows = std::max<int64_t>(R, kBlockBytes / (4 * K));
@@ -404,12 +629,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
 
 TORCH_LIBRARY(chatglm_quant, m) {
   m.def("linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits, int integer) -> Tensor");
-  m.def("has_vnni() -> bool", &has_vnni);
+  m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("has_integer_path() -> bool", &has_integer_path);
+  m.def("simd() -> str", &simd);
   m.def("dequantize(Tensor qweight, Tensor scale, int bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatglm_quant, CPU, m) {
   m.impl("linear", &linear);
   m.impl("dequantize", &dequantize);
+  m.impl("bf16_linear", &bf16_linear);
 }
 """

@@ -333,9 +333,9 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
         model.quantize(quantize)
     if not spread:
         model = model.to(target)
-    # A checkpoint quantized while loading, or already quantized, never ran quantize() with its weights:
-    # the kernel is compiled now, not inside the first reply.
-    if model.config.quantization_bit and target.type == "cpu":
+    # A checkpoint quantized while loading, or already quantized, never ran quantize() with its weights; a bf16
+    # model runs its few-row products on the same kernel: it is compiled now, not inside the first reply.
+    if target.type == "cpu" and (model.config.quantization_bit or model.dtype == torch.bfloat16):
         from chatglm_6b.quantization import prepare_cpu_kernel
 
         prepare_cpu_kernel()

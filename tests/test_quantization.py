@@ -180,3 +180,25 @@ def test_a_qe_checkpoint_without_lm_head_reloads(fp32_demo, tmp_path):
     assert reloaded.chat(tokenizer, "你好", do_sample=False)[0] == expected
     remote = AutoModel.from_pretrained(str(tmp_path / "qe"), trust_remote_code=True, dtype=torch.float32).eval()
     assert remote.chat(tokenizer, "你好", do_sample=False)[0] == expected
+
+
+def test_bf16_on_the_cpu_kernel_answers_as_torch_does(monkeypatch):
+    """A bf16 CPU model runs its few-row products on the CPU kernel (loaded while loading): on the demo corpus
+    its next-token argmax agrees with torch's bf16 matmul, and it greets as the fp32 model does."""
+    from chatglm_6b import quantization
+
+    model, tokenizer = load_model_and_tokenizer(device="cpu", dtype=torch.bfloat16)
+    assert quantization._cpu_kernels, "loading a bf16 model on the CPU readies the kernel"
+    calls = []
+    kernel = quantization._cpu_kernels.bf16_linear
+    monkeypatch.setattr(quantization, "_cpu_kernels", type("Counting", (), {
+        "bf16_linear": staticmethod(lambda *a: calls.append(1) or kernel(*a))})())
+
+    def torch_matmul(**inputs):
+        with monkeypatch.context() as m:
+            m.setattr(quantization, "FORCE_TORCH_FALLBACK", True)
+            return model(**inputs)
+
+    assert argmax_agreement(torch_matmul, model, tokenizer, load_corpus()[::4]) >= 0.99
+    assert calls, "the kernel ran"
+    assert model.chat(tokenizer, "你好", do_sample=False)[0] == HELLO_REPLY

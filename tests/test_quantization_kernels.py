@@ -71,7 +71,7 @@ SHAPES = [(1, 4096, 4096), (1, 37, 130), (3, 50, 258), (7, 64, 1000), (16, 33, 1
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_kernel_matches_reference_fp32(kernels, monkeypatch, bits, M, N, K):
-    monkeypatch.setattr(Q, "INTEGER_ACTIVATIONS", False)  # the fp32 path (the only one without VNNI)
+    monkeypatch.setattr(Q, "INTEGER_ACTIVATIONS", False)  # the fp32 path (the only one of a scalar build)
     torch.manual_seed(M * N + K)
     w, b = torch.randn(N, K), torch.randn(N)
     q, s = Q.quantize_weight(w, bits)
@@ -107,11 +107,11 @@ def same_quantization_reference(x, q, s, b, bits):
     return reference((xq * step).view(M, K), q, s, b, bits)
 
 
-needs_vnni = pytest.mark.skipif(not (Q._load_cpu_kernels() and Q._cpu_kernels.has_vnni()),
-                                reason="this CPU (or build) has no AVX512-VNNI: the integer path is not compiled")
+needs_integer_path = pytest.mark.skipif(not (Q._load_cpu_kernels() and Q._cpu_kernels.has_integer_path()),
+                                        reason="a build without AVX2 has no integer path")
 
 
-@needs_vnni
+@needs_integer_path
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M,N,K", [(1, 5, 128), (3, 17, 256), (4, 64, 4096), (16, 33, 1024), (65, 9, 384),
                                    (600, 7, 256)])
@@ -125,7 +125,7 @@ def test_integer_path_is_the_int8_activation_arithmetic(kernels, bits, M, N, K):
     assert ((y - exact).abs().max() / exact.abs().max()) < 1e-2
 
 
-@needs_vnni
+@needs_integer_path
 def test_integer_path_takes_strided_low_precision_and_zero_inputs(kernels):
     q, s = Q.quantize_weight(torch.randn(40, 256), 4)
     wide = torch.randn(3, 512).bfloat16()
@@ -137,7 +137,7 @@ def test_integer_path_takes_strided_low_precision_and_zero_inputs(kernels):
     torch.testing.assert_close(y.float(), same_quantization_reference(x.float(), q, s, b, 4), rtol=1e-2, atol=1e-2)
 
 
-@needs_vnni
+@needs_integer_path
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_row_gives_the_same_result_alone_and_in_a_batch(kernels, bits):
     q, s = Q.quantize_weight(torch.randn(70, 512), bits)
@@ -145,6 +145,71 @@ def test_a_row_gives_the_same_result_alone_and_in_a_batch(kernels, bits):
     batched = Q.quantized_linear(x, q, s, None, bits)
     for i in range(9):
         assert torch.equal(Q.quantized_linear(x[i:i + 1], q, s, None, bits), batched[i:i + 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 weights (lm_head, bf16 models)
+# ------------------------------------------------------------------------------------------------
+def bf16_reference(x, w, b):
+    """What the kernel computes: bf16 inputs, products and sums in fp32 (more exact than its bf16 output)."""
+    y = x.float() @ w.float().T
+    return y + b.float() if b is not None else y
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 7, 33), (1, 4096, 4096), (3, 70, 512), (5, 130, 4096), (16, 9, 1000),
+                                   (17, 33, 130), (64, 13, 256)])
+def test_bf16_kernel_matches_reference(kernels, M, N, K):
+    torch.manual_seed(M * N + K)
+    w, x, b = torch.randn(N, K).bfloat16(), torch.randn(M, K).bfloat16(), torch.randn(N).bfloat16()
+    for bias in (b, None):
+        y = kernels.bf16_linear(x, w, bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+        ref = bf16_reference(x, w, bias)
+        # the output's bf16 rounding (2^-8 relative) plus fp32 sums in another order
+        torch.testing.assert_close(y.float(), ref, rtol=2 ** -8, atol=1e-4 * K ** 0.5)
+
+
+def test_bf16_kernel_takes_strided_3d_and_fp32_inputs(kernels):
+    torch.manual_seed(8)
+    w = torch.randn(40, 256).bfloat16()
+    wide = torch.randn(2, 3, 512).bfloat16()
+    x = wide[..., ::2]  # strided, [seq, batch, hidden]-like
+    y = kernels.bf16_linear(x, w, None)
+    assert y.shape == (2, 3, 40)
+    torch.testing.assert_close(y.float(), bf16_reference(x.reshape(-1, 256), w, None).view(2, 3, 40),
+                               rtol=2 ** -8, atol=1e-3)
+    x32 = torch.randn(4, 256)  # an fp32 input is taken as bf16 (as torch's bf16 matmul needs it) and stays fp32 out
+    y32 = kernels.bf16_linear(x32, w, None)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, bf16_reference(x32.bfloat16(), w, None), rtol=1e-3, atol=1e-3)
+
+
+def test_bf16_kernel_gives_a_row_the_same_result_alone_and_in_a_batch(kernels):
+    w, x = torch.randn(70, 512).bfloat16(), torch.randn(9, 512).bfloat16()
+    batched = kernels.bf16_linear(x, w, None)
+    for i in range(9):
+        assert torch.equal(kernels.bf16_linear(x[i:i + 1], w, None), batched[i:i + 1])
+
+
+def test_float_linear_takes_the_kernel_only_where_it_applies(kernels, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Q, "_cpu_kernels", type("Spy", (), {
+        "bf16_linear": staticmethod(lambda *a: calls.append(a) or kernels.bf16_linear(*a))})())
+    torch.manual_seed(9)
+    w, b = torch.randn(20, 64).bfloat16(), torch.randn(20).bfloat16()
+    decode = torch.randn(2, 3, 64).bfloat16()
+    torch.testing.assert_close(Q.float_linear(decode, w, b), torch.nn.functional.linear(decode, w, b),
+                               rtol=2 ** -7, atol=1e-2)
+    assert len(calls) == 1
+    Q.float_linear(torch.randn(Q.BF16_KERNEL_ROWS + 1, 64).bfloat16(), w, b)  # prefill: torch's GEMM
+    Q.float_linear(decode.float(), w.float(), b.float())                     # fp32: torch
+    Q.float_linear(decode.clone().requires_grad_(), w, b)                    # training: torch (autograd)
+    with torch.no_grad():
+        Q.float_linear(decode.clone().requires_grad_(), w, b)                # no grad wanted: the kernel
+    assert len(calls) == 2
+    monkeypatch.setattr(Q, "_cpu_kernels", None)  # not loaded yet: never compiled inside a forward pass
+    Q.float_linear(decode, w, b)
+    assert Q._cpu_kernels is None and len(calls) == 2
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -373,7 +438,7 @@ def test_the_kernel_is_ready_when_loading_returns(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger=Q.logger.name):
         load_model_and_tokenizer(device="cpu", quantize=8)
     assert Q._cpu_kernels is not None  # decided before any forward pass
-    assert "loading the INT8/INT4 CPU kernel" in caplog.text
+    assert "loading the INT8/INT4/bf16 CPU kernel" in caplog.text
     if Q._cpu_kernels:
         assert "CPU kernel ready" in caplog.text
 
@@ -390,4 +455,45 @@ def test_model_quantize_on_cpu_readies_the_kernel(monkeypatch, caplog):
     monkeypatch.setattr(Q, "_cpu_kernels", None)
     with caplog.at_level(logging.WARNING, logger=Q.logger.name):
         model.quantize(4)
-    assert Q._cpu_kernels is not None and "loading the INT8/INT4 CPU kernel" in caplog.text
+    assert Q._cpu_kernels is not None and "loading the INT8/INT4/bf16 CPU kernel" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# The narrower builds: AVX2 and scalar code, compiled for this CPU on request (CHATGLM_CPU_ISA)
+# ------------------------------------------------------------------------------------------------
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def test_the_build_has_the_simd_it_was_asked_for(kernels):
+    simd = kernels.simd()
+    if Q.CPU_ISA == "scalar":
+        assert simd.startswith("scalar") and not kernels.has_integer_path() and "bf16 weights with fp32 FMA" in simd
+    elif Q.CPU_ISA == "avx2":
+        assert simd.startswith("AVX2, int8 activations with AVX2,") and "bf16 weights with fp32 FMA" in simd
+    elif {"avx512_vnni", "avx512bw", "avx512_bf16"} <= cpu_flags():  # native, on this kind of CPU
+        assert simd == "AVX-512, int8 activations with AVX512-VNNI, bf16 weights with AVX512-BF16"
+    assert simd in Q._cpu_kernel_build or Q._cpu_kernel_build == ""  # the log line says which path runs
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_the_narrower_builds_pass_the_same_tests(isa):
+    """Every test above, on the AVX2 build (its maddubs integer path, its widening bf16 path) and on the scalar
+    build (no integer path): what a CPU without AVX-512 (or without AVX2) runs."""
+    import os
+    import subprocess
+    import sys
+
+    if Q.CPU_ISA != "native":
+        pytest.skip("already a narrower build")
+    if isa == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, CHATGLM_CPU_ISA=isa)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "not narrower_builds"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
