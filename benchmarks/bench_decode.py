@@ -1,12 +1,14 @@
-"""End-to-end CPU speed and memory per dtype: decode ms/token (batch 1, KV cache, steady state), prefill
-tokens/s, weight bytes, peak RSS, and each decode time against the memory-bandwidth roofline.
+"""End-to-end CPU speed and memory per dtype, through generate() (what chat() and stream_chat() run) and the
+serving engine: decode ms/token (batch 1, KV cache, steady state) against the memory-bandwidth roofline, time to
+first token for several prompt lengths, the step time of 1 to 16 rows decoding together, weight bytes, peak RSS.
 
     python benchmarks/bench_decode.py                      # demo checkpoint, every dtype
-    python benchmarks/bench_decode.py --model 6b --dtypes bf16,int8,int4
+    python benchmarks/bench_decode.py --model 6b --dtypes bf16,int8,int4 --prompt-lengths 128,512,1024
                                                            # ChatGLM-6B-shaped, random weights built in memory
 
 Every configuration runs in its own process, so that its peak RSS is its own. fp32 6B (24.7 GB) does not fit
-in this machine's 24 GiB and is skipped.
+in this machine's 24 GiB and is skipped. CHATGLM_QUANT_FP32_ACTIVATIONS=1 (int8/int4 with the fp32-activation
+kernel) and CHATGLM_CPU_ISA reach every configuration.
 """
 import argparse
 import json
@@ -25,6 +27,7 @@ from benchmarks.common import machine_summary, peak_rss, read_bandwidth  # noqa:
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from chatglm_6b.modeling_chatglm import CACHE_FIELD, ChatGLMForConditionalGeneration  # noqa: E402
 from chatglm_6b.quantization import LAYER_LINEARS, QuantizedLinear, rows_per_block, set_quantized_weight  # noqa: E402
+from runtime.engine import GenerationEngine  # noqa: E402
 from runtime.loading import load_model_and_tokenizer, release_freed_memory  # noqa: E402
 from runtime.options import DTYPES  # noqa: E402
 
@@ -106,21 +109,23 @@ def median(values):
     return sorted(values)[len(values) // 2]
 
 
-@torch.inference_mode()
-def measure(model, prompt_length: int, decode_steps: int, rounds: int = 3) -> dict:
-    """Prefill and decode speed through the forward loop (the model alone) and through generate() (what
-    chat() and stream_chat() run), on the same prompt and the same number of new tokens. The two take
-    turns, `rounds` times, so that a change in the machine's speed (another tenant's memory traffic)
-    falls on both alike; each figure is the median step over all rounds."""
-    vocab = model.config.vocab_size
-    prompt = torch.randint(10, min(vocab, 20000), (1, prompt_length))
+def random_prompt(model, length: int) -> torch.LongTensor:
+    """[1, length] random text ids ending in [gMASK] <sop>, as chat() builds a prompt."""
+    prompt = torch.randint(10, min(model.config.vocab_size, 20000), (1, length))
     prompt[0, -2:] = torch.tensor([model.config.gmask_token_id, model.config.bos_token_id])
-    model(input_ids=prompt[:, :8], use_cache=True)  # warm-up (kernel compile/load, allocator)
-    prefills, forward_steps, generate_steps, first_tokens = [], [], [], []
+    return prompt
+
+
+@torch.inference_mode()
+def measure_decode(model, prompt_length: int, decode_steps: int, rounds: int = 3) -> dict:
+    """Decode speed through the forward loop (the model alone) and through generate(), on the same prompt and
+    the same number of new tokens. The two take turns, `rounds` times, so that a change in the machine's speed
+    (another tenant's memory traffic) falls on both alike; each figure is the median step over all rounds."""
+    prompt = random_prompt(model, prompt_length)
+    model(input_ids=prompt[:, :8], use_cache=True)  # warm-up (kernel load, allocator)
+    forward_steps, generate_steps = [], []
     for _ in range(rounds):
-        start = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        prefills.append(prompt_length / (time.perf_counter() - start))
         cache = getattr(out, CACHE_FIELD)
         position_ids, step = model.glm_generation_positions(prompt)
         position_ids = position_ids[..., -1:]
@@ -133,25 +138,68 @@ def measure(model, prompt_length: int, decode_steps: int, rounds: int = 3) -> di
         forward_steps += step_times(times)
 
         streamer = TokenTimes()
-        start = time.perf_counter()
         model.generate(prompt, do_sample=False, max_new_tokens=decode_steps + 1, min_new_tokens=decode_steps + 1,
                        streamer=streamer)
-        first_tokens.append(streamer.times[1] - start)
         generate_steps += step_times(streamer.times[1:])
-    return {"prefill_tok_s": median(prefills), "forward_ms": median(forward_steps) * 1000,
-            "generate_ttft_s": median(first_tokens), "generate_ms": median(generate_steps) * 1000}
+    return {"forward_ms": median(forward_steps) * 1000, "generate_ms": median(generate_steps) * 1000}
+
+
+@torch.inference_mode()
+def measure_first_token(model, lengths, rounds: int = 2) -> dict:
+    """Seconds from calling generate() to its first new token, per prompt length (median of `rounds`): the
+    whole prompt is processed first, and ChatGLM re-processes the whole conversation every turn."""
+    ttft = {}
+    for length in lengths:
+        prompt, times = random_prompt(model, length), []
+        for _ in range(rounds):
+            streamer = TokenTimes()
+            start = time.perf_counter()
+            model.generate(prompt, do_sample=False, max_new_tokens=1, streamer=streamer)
+            times.append(streamer.times[1] - start)
+        ttft[str(length)] = median(times)
+    return ttft
+
+
+def measure_batched_steps(model, tokenizer, rows_list, prompt_length: int, decode_steps: int) -> dict:
+    """ms per engine step with `rows` requests decoding together (the serving path: api.py, web_demo.py):
+    they are submitted at once, prefilled together, and the median gap between the first reply's tokens is
+    one step of all of them."""
+    engine = GenerationEngine(model, tokenizer, max_batch_size=max(rows_list)).start()
+    try:
+        steps = {}
+        for rows in rows_list:
+            prompt = random_prompt(model, prompt_length)[0].tolist()
+            replies = [engine.submit(prompt, max_length=prompt_length + decode_steps + 2) for _ in range(rows)]
+            times = []
+            for _ in replies[0]:
+                times.append(time.perf_counter())
+            for reply in replies[1:]:
+                list(reply)
+            steps[str(rows)] = median(step_times(times)) * 1000
+        return steps
+    finally:
+        engine.stop()
 
 
 def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.model == "demo":
         bits = {"int8": 8, "int4": 4}.get(args.one)
-        model, _ = load_model_and_tokenizer(device="cpu", dtype=DTYPES.get(args.one, torch.float32),
-                                            quantize=bits)
+        model, tokenizer = load_model_and_tokenizer(device="cpu", dtype=DTYPES.get(args.one, torch.float32),
+                                                    quantize=bits)
     else:
         model = random_6b(args.one)
+        _, tokenizer = load_model_and_tokenizer(device="cpu")  # the demo tokenizer: only ids go in and out
+        if args.one in ("bf16", "int8", "int4"):
+            from chatglm_6b.quantization import prepare_cpu_kernel
+
+            prepare_cpu_kernel()  # as loading does for these dtypes on the CPU
+    lengths = [int(n) for n in args.prompt_lengths.split(",") if n]
+    rows = [int(n) for n in args.batch_rows.split(",") if n]
     return {"dtype": args.one, "weight_bytes": weight_bytes(model), "peak_rss": peak_rss(),
-            **measure(model, args.prompt_length, args.decode_steps)}
+            **measure_decode(model, args.prompt_length, args.decode_steps),
+            "ttft_s": measure_first_token(model, lengths),
+            "step_ms": measure_batched_steps(model, tokenizer, rows, args.prompt_length, args.decode_steps) if rows else {}}
 
 
 def main():
@@ -159,8 +207,10 @@ def main():
     parser.add_argument("--model", choices=["demo", "6b"], default="demo")
     parser.add_argument("--dtypes", default="fp32,bf16,fp16,int8,int4")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--prompt-length", type=int, default=64, help="prompt of the decoding measurements")
     parser.add_argument("--decode-steps", type=int, default=16, help="decoding steps per round (3 rounds)")
+    parser.add_argument("--prompt-lengths", default="128,512", help="prompts timed to the first token (2 rounds)")
+    parser.add_argument("--batch-rows", default="1,4,8,16", help="rows decoding together through the engine")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one dtype in this process
     args = parser.parse_args()
     if args.one:
@@ -175,28 +225,45 @@ def main():
             tqdm.write("fp32 6B: 24.7 GB of weights do not fit in 24 GiB of RAM, skipped")
             continue
         command = [sys.executable, __file__, "--model", args.model, "--one", dtype, "--threads", str(args.threads),
-                   "--prompt-length", str(args.prompt_length), "--decode-steps", str(args.decode_steps)]
+                   "--prompt-length", str(args.prompt_length), "--decode-steps", str(args.decode_steps),
+                   "--prompt-lengths", args.prompt_lengths, "--batch-rows", args.batch_rows]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             tqdm.write(f"{dtype}: failed: {result.stderr.strip().splitlines()[-1:]}")
             continue
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    print(f"\n{args.model} model, {args.threads} threads, prompt {args.prompt_length} tokens, "
-          f"{args.decode_steps} decoding steps, measured read bandwidth {bandwidth:.1f} GB/s")
+    settings = {key: os.environ[key] for key in ("CHATGLM_QUANT_FP32_ACTIVATIONS", "CHATGLM_CPU_ISA") if key in os.environ}
+    print(f"\n{args.model} model, {args.threads} threads, measured read bandwidth {bandwidth:.1f} GB/s"
+          + (f", {settings}" if settings else ""))
     print(machine_summary())
     baseline = next((r for r in rows if r["dtype"] in ("fp32", "bf16")), None)
-    print("decode ms/tok: median step of generate() (what chat()/stream_chat() run) and of a bare forward loop")
-    print(f"{'dtype':<6} {'weights GB':>10} {'peak RSS GB':>11} {'prefill tok/s':>13} {'generate':>9} "
-          f"{'forward':>8} {'gen/fwd':>7} {'roofline ms':>11} {'x roofline':>10} "
-          f"{'speed vs ' + (baseline['dtype'] if baseline else '-'):>13}")
+    print(f"\ndecode ms/token, prompt {args.prompt_length} tokens, {args.decode_steps} steps: median step of "
+          f"generate() and of a bare forward loop; roofline = weight bytes read per token / bandwidth")
+    print(f"{'dtype':<6} {'weights GB':>10} {'peak RSS GB':>11} {'generate':>9} {'forward':>8} {'gen/fwd':>7} "
+          f"{'roofline ms':>11} {'x roofline':>10} {'speed vs ' + (baseline['dtype'] if baseline else '-'):>13}")
     for r in rows:
         roofline = r["weight_bytes"] / (bandwidth * 1e9) * 1000
         speed = f"{baseline['generate_ms'] / r['generate_ms']:.2f}x" if baseline else "-"
         print(f"{r['dtype']:<6} {r['weight_bytes'] / 1e9:>10.3f} {r['peak_rss'] / 1e9:>11.2f} "
-              f"{r['prefill_tok_s']:>13.1f} {r['generate_ms']:>9.2f} {r['forward_ms']:>8.2f} "
-              f"{r['generate_ms'] / r['forward_ms']:>7.3f} {roofline:>11.2f} {r['generate_ms'] / roofline:>10.2f} "
-              f"{speed:>13}")
+              f"{r['generate_ms']:>9.2f} {r['forward_ms']:>8.2f} {r['generate_ms'] / r['forward_ms']:>7.3f} "
+              f"{roofline:>11.2f} {r['generate_ms'] / roofline:>10.2f} {speed:>13}")
+    lengths = args.prompt_lengths.split(",") if args.prompt_lengths else []
+    if lengths:
+        print("\ntime to first token through generate(), s (prompt tokens/s)")
+        print(f"{'dtype':<6} " + " ".join(f"{n + ' tokens':>18}" for n in lengths))
+        for r in rows:
+            print(f"{r['dtype']:<6} " + " ".join(f"{r['ttft_s'][n]:>8.2f} ({int(n) / r['ttft_s'][n]:>6.1f}/s)"
+                                                 for n in lengths))
+    batch = args.batch_rows.split(",") if args.batch_rows else []
+    if batch:
+        print(f"\nengine step with N rows decoding together, ms (x one row's step), prompt {args.prompt_length} tokens")
+        print(f"{'dtype':<6} " + " ".join(f"{n + ' rows':>16}" for n in batch))
+        for r in rows:
+            one = r["step_ms"][batch[0]]
+            print(f"{r['dtype']:<6} " + " ".join(f"{r['step_ms'][n]:>8.1f} ({r['step_ms'][n] / one:.2f}x)"
+                                                 for n in batch))
+
 
 if __name__ == "__main__":
     main()
