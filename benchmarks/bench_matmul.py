@@ -8,6 +8,7 @@ same run. By default every call uses a different copy of the weight and the copi
 reuses one weight (cache resident, flatters small weights).
 
     python benchmarks/bench_matmul.py [--threads 2] [--ws-mb 512] [--hot] [--seconds 0.3]
+    CHATGLM_CPU_ISA=avx2 python benchmarks/bench_matmul.py    # the AVX2 build's paths, on a CPU with more
 """
 import argparse
 import os
@@ -55,15 +56,18 @@ def methods(N, K, M):
     q4, s4 = Q.quantize_weight(w32, 4)
     s8f, s4f, s8b = s8.float(), s4.float(), s8.bfloat16()
     k = Q._load_cpu_kernels()
-    ours = lambda bits: (lambda q, s: k.linear(x, q, s, None, bits))  # noqa: E731
+    ours = lambda bits, integer: (lambda q, s: k.linear(x, q, s, None, bits, integer))  # noqa: E731
     return {
         "fp32 F.linear": (lambda: (w32,), N * K * 4, lambda w: F.linear(x, w)),
         "bf16 F.linear": (lambda: (w32.bfloat16(),), N * K * 2, lambda w: F.linear(xb, w)),
+        "ours bf16": (lambda: (w32.bfloat16(),), N * K * 2, lambda w: k.bf16_linear(xb, w, None)),
         "fp16 F.linear": (lambda: (w32.half(),), N * K * 2, lambda w: F.linear(xh, w)),
         "torch._weight_int8pack_mm (bf16 x)": (lambda: (q8, s8b), N * K,
                                                lambda q, s: torch._weight_int8pack_mm(xb, q, s)),
-        "ours int8 (fp32 x)": (lambda: (q8, s8f), N * K, ours(8)),
-        "ours int4 (fp32 x)": (lambda: (q4, s4f), N * K // 2, ours(4)),
+        "ours int8 (int8 x)": (lambda: (q8, s8f), N * K, ours(8, 1)),
+        "ours int8 (fp32 x)": (lambda: (q8, s8f), N * K, ours(8, 0)),
+        "ours int4 (int8 x)": (lambda: (q4, s4f), N * K // 2, ours(4, 1)),
+        "ours int4 (fp32 x)": (lambda: (q4, s4f), N * K // 2, ours(4, 0)),
         "torch fallback int4 (dequant+mm)": (lambda: (q4, s4f), N * K // 2,
                                              lambda q, s: Q._torch_linear(x, q, s, None, 4)),
     }
@@ -82,6 +86,7 @@ def main():
     print(machine_summary())
     t = time.perf_counter()
     assert Q._load_cpu_kernels(), "CPU kernel did not compile"
+    print(f"kernel: {Q._cpu_kernel_build}")
     print(f"kernel load/compile: {time.perf_counter() - t:.1f} s, threads: {torch.get_num_threads()}, "
           f"weights: {'hot (one copy)' if args.hot else f'cold (>= {args.ws_mb} MB rotating copies)'}")
     bw = read_bandwidth()

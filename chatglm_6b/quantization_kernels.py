@@ -6,10 +6,13 @@ compiles it once per source/CPU/flags (see quantization._load_cpu_kernels).
 
 Ops (registered as torch.ops.chatglm_quant.*):
   linear(x[*, K] f32/bf16/f16, qweight int8 [N, K*bits/8], scale [N], bias [N]?, bits, integer) -> [*, N] in x's
-      dtype; integer=1 quantizes x to int8 per block of 128 and uses integer dot products (AVX512-VNNI, or AVX2)
-      where the build has them and K is a multiple of 128, else (and with integer=0) weights are decoded to fp32
+      dtype; integer=1 quantizes x to int8 per block of activation_block() (128) values and uses integer
+      dot products (AVX512-VNNI, or AVX2) where the build has them and K is a multiple of that block, else (and
+      with integer=0) weights are decoded to fp32
       for fp32 FMAs
   bf16_linear(x [*, K], weight bf16 [N, K], bias [N]?) -> [*, N] in x's dtype, fp32 accumulation
+  decode_attention(q [B, nh, L, hd], k, v [B, nh, T, hd] (views of a longer cache allowed), bias?, scale) -> bf16
+      softmax(q k^T * scale + bias) v for a few query rows, in fp32, reading the cache in place
   dequantize(qweight int8 [N, K*bits/8], scale [N], bits) -> float32 [N, K]
   has_integer_path() -> whether this build has the integer path; simd() -> the SIMD paths of this build
 
@@ -43,6 +46,8 @@ using vf = __m512;
 using vi = __m512i;
 static inline vf vzero() { return _mm512_setzero_ps(); }
 static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline vi vbytes(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
@@ -58,6 +63,8 @@ using vf = __m256;
 using vi = __m256i;
 static inline vf vzero() { return _mm256_setzero_ps(); }
 static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vsum(vf a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -75,6 +82,8 @@ using vf = float;
 using vi = int32_t;
 static inline vf vzero() { return 0.f; }
 static inline vf vload(const float* p) { return *p; }
+static inline void vstore(float* p, vf a) { *p = a; }
+static inline vf vset1(float a) { return a; }
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline float vsum(vf a) { return a; }
 static inline vi vbytes(const int8_t* p) { return *p; }
@@ -410,6 +419,19 @@ static inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
+// V bf16 values widened to fp32 (a bf16 is the top half of an fp32)
+#if defined(__AVX512F__)
+static inline vf vbf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline vf vbf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+#else
+static inline vf vbf16(const uint16_t* p) { return bf16_to_float(*p); }
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define CHATGLM_BF16_ISA "AVX512-BF16"
 constexpr int64_t BK = 32;  // k per step: one vdpbf16ps
@@ -439,17 +461,6 @@ static void bf16_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t
 }
 #else
 #define CHATGLM_BF16_ISA "fp32 FMA"
-#if defined(__AVX512F__)
-static inline vf vbf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-static inline vf vbf16(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-#else
-static inline vf vbf16(const uint16_t* p) { return bf16_to_float(*p); }
-#endif
 constexpr int64_t BK = V;
 // x: fp32 rows (the bf16 input widened once)
 template <int ROWS, int M>
@@ -493,6 +504,72 @@ static void bf16_rows(const X* x, int64_t M, int64_t K, const uint16_t* w, int64
       default: bf16_tile<ROWS, 1>(x + m * K, K, wn, K, bn, out + m * N + n, N, pf); break;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention of a few query rows (decoding) over a bf16 KV cache, read in place: keys and values may be views of
+// a longer buffer (only their last dimension must be contiguous). torch's CPU matmul copies such views first,
+// and its SDPA costs 0.5 ms per single-query call in bf16. Per (batch, head): scores in fp32, softmax, then the
+// values weighted in fp32; the output is rounded to bf16 once.
+// q [B, nh, L, hd] bf16; k, v [B, nh, T, hd] bf16; bias [B, nh, L, T] fp32 additive (broadcast strides allowed)
+// ---------------------------------------------------------------------------------------------
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& bias, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "bf16 query, keys and values expected");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "[batch, heads, length, head_dim] expected");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "keys and values must be contiguous in their last dimension");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(), "shapes differ");
+  auto qf = q.to(at::kFloat).contiguous();                             // [B, H, L, D] fp32
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat).expand({B, H, L, T});
+  auto out = at::empty({B, H, L, D}, q.options().dtype(at::kFloat));  // [B, H, L, D] fp32
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const int64_t Dv = D / V * V;
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(T), acc(D);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / H, h = i % H;
+      const uint16_t* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const uint16_t* vb = vp + b * v.stride(0) + h * v.stride(1);
+      for (int64_t l = 0; l < L; l++) {
+        const float* ql = qp + ((b * H + h) * L + l) * D;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < T; t++) {
+          const uint16_t* kt = kb + t * k.stride(2);
+          vf s = vzero();
+          for (int64_t d = 0; d < Dv; d += V) s = vfma(vbf16(kt + d), vload(ql + d), s);
+          float st = vsum(s);
+          for (int64_t d = Dv; d < D; d++) st += bf16_to_float(kt[d]) * ql[d];
+          st = st * (float)scale + (bp ? bp[b * bf.stride(0) + h * bf.stride(1) + l * bf.stride(2) + t * bf.stride(3)] : 0.f);
+          p[t] = st;
+          top = std::max(top, st);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < T; t++) {
+          p[t] = top == -INFINITY ? 0.f : std::exp(p[t] - top);  // a row with every key blocked gives zeros
+          total += p[t];
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < T; t++) {
+          const uint16_t* vt = vb + t * v.stride(2);
+          const float w = p[t];
+          const vf wv = vset1(w);
+          for (int64_t d = 0; d < Dv; d += V) vstore(acc.data() + d, vfma(vbf16(vt + d), wv, vload(acc.data() + d)));
+          for (int64_t d = Dv; d < D; d++) acc[d] += w * bf16_to_float(vt[d]);
+        }
+        float* ol = op + ((b * H + h) * L + l) * D;
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int64_t d = 0; d < D; d++) ol[d] = acc[d] * inv;
+      }
+    }
+  });
+  return out.to(at::kBFloat16);
 }
 
 // bf16_linear(x [*, K] float, weight bf16 [N, K], bias [N]?) -> [*, N] in x's dtype
@@ -544,6 +621,7 @@ std::string simd() {
 }
 
 bool has_integer_path() { return kIntegerPath; }
+int64_t activation_block() { return QB; }
 
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
@@ -575,7 +653,7 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, int64_
 constexpr int64_t kGemmRows = 64;
 constexpr int64_t kBlockBytes = 8 << 20;
 
-// integer: 1 takes the VNNI path where this build has it and K is a multiple of QB (else the fp32 path).
+// integer: 1 takes the integer path where this build has it and K is a multiple of QB (else the fp32 path).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                   const c10::optional<at::Tensor>& bias, int64_t bits, int64_t integer) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
@@ -629,7 +707,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
 TORCH_LIBRARY(chatglm_quant, m) {
   m.def("linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits, int integer) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> Tensor");
   m.def("has_integer_path() -> bool", &has_integer_path);
+  m.def("activation_block() -> int", &activation_block);
   m.def("simd() -> str", &simd);
   m.def("dequantize(Tensor qweight, Tensor scale, int bits) -> Tensor");
 }
@@ -638,5 +718,6 @@ TORCH_LIBRARY_IMPL(chatglm_quant, CPU, m) {
   m.impl("linear", &linear);
   m.impl("dequantize", &dequantize);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("decode_attention", &decode_attention);
 }
 """

@@ -11,9 +11,11 @@ QuantizedLinear has parameters weight / weight_scale / bias, so state-dict keys 
 (`...query_key_value.weight`, `...query_key_value.weight_scale`, `...query_key_value.bias`).
 
 Compute: y = x @ (q * scale).T + b
-    CPU:  compiled C++ kernel (quantization_kernels.py) that streams the int8/int4 weight once and
-          decodes it in registers, fp32 accumulation. Falls back to dequantize-then-matmul in torch.
-    CUDA: dequantize-then-matmul in torch (see _cuda_linear).
+    CPU:  compiled C++ kernel (quantization_kernels.py) that streams the int8/int4 weight once: with AVX512-VNNI
+          or AVX2, x quantized to int8 per block of 128 and integer dot products; else weights decoded in
+          registers for fp32 FMAs. Falls back to dequantize-then-matmul in torch. The same kernel runs bf16
+          models' few-row products (float_linear).
+    CUDA: INT8 through torch._weight_int8pack_mm; INT4 dequantizes blocks of rows, 64 MB transient at most (see _cuda_linear).
 Gradients flow to the input only (the quantized weights are frozen), which is what P-Tuning needs.
 
 This file is also shipped as Hugging Face remote code: imports are torch, stdlib and siblings only.
@@ -201,27 +203,54 @@ def prepare_cpu_kernel() -> bool:
 # ------------------------------------------------------------------------------------------------
 # Linear compute paths
 # ------------------------------------------------------------------------------------------------
+# On a GPU the dequantized rows of one call take at most this much memory in x's dtype (fp16: 2048 rows of
+# 4096), enough for cuBLAS to run at speed; unpacking them holds up to three more temporaries of that size, so a
+# call's transient stays under 4x this (64 MB), where dequantizing dense_h_to_4h whole took about 320 MB.
+GPU_TRANSIENT_BYTES = 16 << 20
+
+
 def _torch_linear(x, qweight, scale, bias, bits):
-    """Fallback: dequantize, then matmul (fp32 on CPU, x's dtype on GPU). On CPU the weight is
-    dequantized a few MB of rows at a time, so the transient float copy stays in cache."""
-    dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+    """Fallback: dequantize a block of weight rows at a time, then matmul (fp32 on CPU, x's dtype on GPUs). The
+    transient float rows are TRANSIENT_BYTES on the CPU (they stay in cache), GPU_TRANSIENT_BYTES on a GPU."""
+    cpu = x.device.type == "cpu"
+    dtype = torch.float32 if cpu else x.dtype
     b = bias.to(dtype) if bias is not None else None
-    if x.device.type != "cpu":
-        return F.linear(x.to(dtype), dequantize_weight(qweight, scale, bits, dtype), b).to(x.dtype)
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)                  # [M, K]
-    out = torch.empty(x2.shape[0], qweight.shape[0], dtype=dtype)  # [M, N]
-    step = rows_per_block(x2.shape[1])
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)                                        # [M, K]
+    out = torch.empty(x2.shape[0], qweight.shape[0], dtype=dtype, device=x.device)  # [M, N]
+    step = rows_per_block(x2.shape[1]) if cpu else max(1, GPU_TRANSIENT_BYTES // (x2.shape[1] * x2.element_size()))
     for n0 in range(0, qweight.shape[0], step):
         w = dequantize_weight(qweight[n0:n0 + step], scale[n0:n0 + step], bits, dtype)  # [nb, K]
         out[:, n0:n0 + step] = F.linear(x2, w, None if b is None else b[n0:n0 + step])
     return out.view(*x.shape[:-1], -1).to(x.dtype)
 
 
+_fused_int8_failed = False
+
+
+def fused_int8_linear(x, qweight, scale, bias):
+    """INT8 through torch's fused weight-only op, torch._weight_int8pack_mm: it reads the int8 weight as it is
+    (the checkpoint's layout, no repacking) and scales each output column, with no dequantized copy. The same op
+    runs on the CPU, where the tests check it."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()                                  # [M, K]
+    out = torch._weight_int8pack_mm(x2, qweight.contiguous(), scale.to(x.dtype))  # [M, N]
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.view(*x.shape[:-1], -1)
+
+
 def _cuda_linear(x, qweight, scale, bias, bits):
-    # The original runs THUDM's own CUDA kernels through cpm_kernels; those ship only as a compiled
-    # blob inside the original file, so here the weight is dequantized on the GPU in x's dtype and
-    # cuBLAS does the matmul. Correct on every GPU, at the cost of one transient fp16 weight per call.
-    _warn_once("cuda", "chatglm quantization: no custom CUDA kernel, using dequantize-then-matmul")
+    # The original runs THUDM's own CUDA kernels through cpm_kernels, which ship only as a compiled blob inside
+    # the original file. INT8 takes torch's fused op (above). INT4 dequantizes blocks of rows (transient
+    # GPU_TRANSIENT_BYTES per call): torch's fused INT4 op needs its own tile layout in place of the checkpoint's,
+    # which would either change what save_pretrained writes or hold a second copy of every weight on the GPU.
+    global _fused_int8_failed
+    if bits == 8 and not _fused_int8_failed:
+        try:
+            return fused_int8_linear(x, qweight, scale, bias)
+        except (RuntimeError, NotImplementedError) as error:  # an older torch or an unsupported dtype/GPU
+            _fused_int8_failed = True
+            _warn_once("cuda8", "chatglm quantization: torch._weight_int8pack_mm is unavailable here (%s); "
+                                "dequantizing blocks of rows instead", (str(error).splitlines() or [""])[0])
     return _torch_linear(x, qweight, scale, bias, bits)
 
 
@@ -287,12 +316,19 @@ def float_linear(x, weight, bias=None):
     most BF16_KERNEL_ROWS rows, no gradient wanted, and the kernel already loaded (prepare_cpu_kernel: it is never
     compiled here, inside a reply). torch's own bf16 matmul reads the weight of a few-row product at about half
     the memory bandwidth."""
-    if (x.dtype == torch.bfloat16 and x.numel() <= BF16_KERNEL_ROWS * x.shape[-1] and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and _cpu_kernels
-            and not FORCE_TORCH_FALLBACK
+    kernels = loaded_cpu_kernels()
+    if (kernels and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() <= BF16_KERNEL_ROWS * x.shape[-1]
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
-        return _cpu_kernels.bf16_linear(x, weight, bias)
+        return kernels.bf16_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def loaded_cpu_kernels():
+    """The CPU kernel's ops if they are loaded already (and not turned off), else None: the model's float paths
+    use them only then, so that no reply waits for a compile."""
+    return _cpu_kernels if _cpu_kernels and not FORCE_TORCH_FALLBACK else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,16 +27,17 @@ def checkpoint_kind(checkpoint: str) -> str:
 def load_finetuned(checkpoint: Optional[str] = None, model_path: Optional[str] = None,
                    pre_seq_len: Optional[int] = None, prefix_projection: Optional[bool] = None,
                    device: str = "auto", dtype: Optional[torch.dtype] = None, quantize: Optional[int] = None,
-                   num_gpus: int = 1):
+                   num_gpus: int = 1, quantize_embeddings: bool = False):
     """(model, tokenizer) in eval mode: the base model `model_path` (default: the demo checkpoint) with the
     fine-tuned `checkpoint` of any kind applied; no checkpoint gives the base model. pre_seq_len and
     prefix_projection default to the values the P-Tuning checkpoint records. Raises CheckpointError."""
     kind = checkpoint_kind(checkpoint) if checkpoint else None
     options = dict(device=device, dtype=dtype, num_gpus=num_gpus)
+    quantization = dict(quantize=quantize, quantize_embeddings=quantize_embeddings)
     if kind is None:
-        return load_model_and_tokenizer(model_path, quantize=quantize, **options)
+        return load_model_and_tokenizer(model_path, **quantization, **options)
     if kind == "full":  # pre_seq_len: a new prefix to train on top (old full checkpoints record their own)
-        return load_model_and_tokenizer(checkpoint, quantize=quantize, pre_seq_len=pre_seq_len,
+        return load_model_and_tokenizer(checkpoint, **quantization, pre_seq_len=pre_seq_len,
                                         prefix_projection=bool(prefix_projection), **options)
     if kind == "lora":
         from peft import PeftModel
@@ -45,7 +46,7 @@ def load_finetuned(checkpoint: Optional[str] = None, model_path: Optional[str] =
         model, tokenizer = load_model_and_tokenizer(model_path, **options)
         model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
         if quantize:
-            model.quantize(quantize)
+            model.quantize(quantize, quantize_embeddings=quantize_embeddings)
         return model.eval(), tokenizer
 
     config_path = os.path.join(checkpoint, "config.json")
@@ -57,7 +58,7 @@ def load_finetuned(checkpoint: Optional[str] = None, model_path: Optional[str] =
     pre_seq_len = pre_seq_len or recorded.get("pre_seq_len") or (shape[0] if shape else None)
     if prefix_projection is None:
         prefix_projection = recorded.get("prefix_projection", False)
-    model, tokenizer = load_model_and_tokenizer(model_path, quantize=quantize, ptuning_checkpoint=checkpoint,
+    model, tokenizer = load_model_and_tokenizer(model_path, **quantization, ptuning_checkpoint=checkpoint,
                                                 pre_seq_len=pre_seq_len, prefix_projection=prefix_projection,
                                                 **options)
     model.transformer.prefix_encoder.float()  # trained in fp32, kept so (it is small)

@@ -162,23 +162,27 @@ def drop_mapped_pages(tensor: torch.Tensor) -> None:
 # ---- loading ----------------------------------------------------------------------------------------
 
 def expected_shape(module: torch.nn.Module, attr: str) -> Optional[Tuple[int, ...]]:
-    """The shape a checkpoint tensor must have to fill module.attr; a quantized linear's weight is filled
-    from a float [out, in] one."""
-    from chatglm_6b.quantization import QuantizedLinear
+    """The shape a checkpoint tensor must have to fill module.attr; a quantized linear's (or embedding's) weight
+    is filled from a float [out, in] ([vocab, hidden]) one."""
+    from chatglm_6b.quantization import QuantizedEmbedding, QuantizedLinear
 
     if isinstance(module, QuantizedLinear) and attr == "weight":
         return module.out_features, module.in_features
+    if isinstance(module, QuantizedEmbedding) and attr == "weight":
+        return module.num_embeddings, module.embedding_dim
     tensor = module._parameters.get(attr, module._buffers.get(attr))
     return None if tensor is None else tuple(tensor.shape)
 
 
-def load_and_quantize(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dtype):
+def load_and_quantize(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dtype, embeddings: bool = False):
     """Loads a float checkpoint and quantizes it on the way: the model is built with empty INT8/INT4 layers
     and each float weight is quantized as it is read, shard by shard, so peak memory stays near the
-    quantized model's size (the original loaded the whole fp16 model first, ~13 GB for 6B)."""
-    from chatglm_6b.quantization import QuantizedLinear, set_quantized_weight
+    quantized model's size (the original loaded the whole fp16 model first, ~13 GB for 6B). embeddings: the word
+    embeddings (and the tied lm_head) too."""
+    from chatglm_6b.quantization import QuantizedEmbedding, QuantizedLinear, set_quantized_weight
 
     config.quantization_bit = bits
+    config.quantization_embeddings = embeddings
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)
     modules = dict(model.named_modules())
@@ -199,7 +203,7 @@ def load_and_quantize(path: str, config: ChatGLMConfig, bits: int, dtype: torch.
                                       "a model of its config.json: the config does not describe these weights.")
             if attr in module._buffers:  # rotary inv_freq (fp16-rounded in the original; fp32 here)
                 module._buffers[attr] = tensor.float()
-            elif isinstance(module, QuantizedLinear) and attr == "weight" and tensor.is_floating_point():
+            elif isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and attr == "weight" and tensor.is_floating_point():
                 set_quantized_weight(module, tensor, dtype)
             else:
                 value = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)  # one copy, off the file
@@ -209,6 +213,8 @@ def load_and_quantize(path: str, config: ChatGLMConfig, bits: int, dtype: torch.
         logger.warning("%d weights of %s are not used by the model, e.g. %s", len(unexpected), path, sorted(unexpected)[0])
     if tied:
         model.lm_head.weight = model.transformer.word_embeddings.weight
+        if embeddings:
+            model.lm_head.weight_scale = model.transformer.word_embeddings.weight_scale
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     for name, module in model.named_modules():  # a new P-Tuning prefix encoder: the one thing a checkpoint may lack
         if "prefix_encoder" in name and any(t.is_meta for t in module.parameters(recurse=False)):
@@ -278,12 +284,14 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
                              quantize: Optional[int] = None, ptuning_checkpoint: Optional[str] = None,
                              pre_seq_len: Optional[int] = None, prefix_projection: bool = False,
                              num_gpus: int = 1, device_map: Optional[Dict[str, int]] = None,
+                             quantize_embeddings: bool = False,
                              ) -> Tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
     """Loads a ChatGLM-6B-format checkpoint (the demo checkpoint by default) in eval mode.
 
     model_path: a local directory (sharded .bin with its index, or safetensors) or a hub id.
     device: auto | cpu | cuda | mps. dtype: default fp16 on GPUs, fp32 on CPU.
-    quantize: 4 or 8 for weight-only INT4/INT8. ptuning_checkpoint/pre_seq_len: a P-Tuning v2 prefix.
+    quantize: 4 or 8 for weight-only INT4/INT8; quantize_embeddings: the word embeddings and lm_head too (-qe).
+    ptuning_checkpoint/pre_seq_len: a P-Tuning v2 prefix.
     num_gpus: > 1 splits the layers over that many CUDA GPUs (embeddings, final norm and head on GPU 0),
     or as `device_map` places them. Raises CheckpointError (or DeviceError) with a one-line message.
     """
@@ -307,11 +315,14 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
         if quantize and config.quantization_bit and quantize != config.quantization_bit:
             raise CheckpointError(f"checkpoint {model_path!r} is already quantized to {config.quantization_bit} bits: "
                                   f"it cannot be quantized to {quantize}; load the float checkpoint for that.")
+        if quantize_embeddings and config.quantization_bit and not config.quantization_embeddings:
+            raise CheckpointError(f"checkpoint {model_path!r} is quantized without its embeddings: load the float "
+                                  "checkpoint to quantize them too.")
         if target.type == "cpu" and not quantize and not config.quantization_bit:
             dtype = dtype_that_fits(config, dtype, explicit_dtype)
         tokenizer = ChatGLMTokenizer.from_pretrained(path)
         if quantize and not config.quantization_bit and not spread:
-            model, info = load_and_quantize(path, config, quantize, dtype)
+            model, info = load_and_quantize(path, config, quantize, dtype, quantize_embeddings)
         else:
             if spread and device_map is None:
                 device_map = gpu_device_map(config.num_layers, num_gpus)
@@ -330,7 +341,7 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
     if ptuning_checkpoint is not None:
         load_prefix_encoder(model, ptuning_checkpoint)
     if quantize:
-        model.quantize(quantize)
+        model.quantize(quantize, quantize_embeddings=quantize_embeddings)
     if not spread:
         model = model.to(target)
     # A checkpoint quantized while loading, or already quantized, never ran quantize() with its weights; a bf16

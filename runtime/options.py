@@ -35,6 +35,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "THUDM/chatglm-6b for the real model)")
     group.add_argument("--quantize", "--quantization_bit", dest="quantize", type=int, choices=[4, 8], default=None,
                        help="weight-only INT4 or INT8")
+    group.add_argument("--quantize-embeddings", action="store_true",
+                       help="with --quantize: the word embeddings and the tied lm_head too (at 4 bits the original's "
+                            "-int4-qe format; 1.07 GB of bf16 table become 0.27 GB at 4 bits, 0.53 GB at 8)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                        help="auto picks CUDA, then MPS, then CPU")
     group.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -72,9 +75,12 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 def load_from_args(args: argparse.Namespace):
     """(model, tokenizer) from add_model_args' options, with a fine-tuned checkpoint applied if given;
     a bad checkpoint or a missing device exits with one line."""
+    if getattr(args, "quantize_embeddings", False) and not args.quantize:
+        sys.exit("error: --quantize-embeddings needs --quantize 4 or 8.")
     try:
         return load_finetuned(args.ptuning_checkpoint, args.model_path, pre_seq_len=args.pre_seq_len,
                               device=args.device, dtype=DTYPES.get(args.dtype), quantize=args.quantize,
+                              quantize_embeddings=getattr(args, "quantize_embeddings", False),
                               num_gpus=args.num_gpus)
     except (CheckpointError, DeviceError) as error:
         sys.exit(f"error: {error}")

@@ -155,3 +155,31 @@ def test_chat_prints_no_deprecation_warning():
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert "deprecat" not in (result.stdout + result.stderr).lower(), result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_the_cache_grows_in_place_and_generates_as_concatenation_does(tiny_dir, monkeypatch, dtype, beams):
+    """generate()'s DynamicCache gets layers that write each token into a buffer with room, taken into a new one
+    when full or when beam search reorders the cache: the tokens equal those of transformers' concatenating
+    DynamicLayer, for a left-padded batch."""
+    from chatglm_6b import modeling_chatglm
+    from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
+
+    model = ChatGLMForConditionalGeneration.from_pretrained(tiny_dir, dtype=dtype).eval()
+    tokenizer = ChatGLMTokenizer.from_pretrained(tiny_dir)
+    batch = tokenizer(["你好", "Hello, world! How are you today?"], padding=True, return_tensors="pt")
+    caches = []
+    handle = model.transformer.register_forward_pre_hook(lambda m, args, kwargs: caches.append(kwargs["cache"]),
+                                                         with_kwargs=True)
+    options = dict(num_beams=beams, do_sample=False, max_new_tokens=12, min_new_tokens=12)
+    try:
+        monkeypatch.setattr(modeling_chatglm.GrowingLayer, "GROWTH", 3)  # a new buffer every few tokens
+        grown = model.generate(**batch, **options)
+        assert all(type(layer) is modeling_chatglm.GrowingLayer for layer in caches[-1].layers)
+        monkeypatch.setattr(modeling_chatglm, "growing", lambda cache: cache)
+        concatenated = model.generate(**batch, **options)
+        assert not any(type(layer) is modeling_chatglm.GrowingLayer for layer in caches[-1].layers)
+    finally:
+        handle.remove()
+    assert torch.equal(grown, concatenated)

@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 
+from benchmarks.bench_accuracy import argmax_agreement
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration
-from chatglm_6b.quantization import QuantizedLinear
+from chatglm_6b.quantization import QuantizedEmbedding, QuantizedLinear
 from conftest import ROOT, write_sharded_bin
 from test_demo_model import HELLO_REPLY
-from tools.train_demo_model import encode_example, load_corpus
+from tools.train_demo_model import load_corpus
 from runtime.loading import load_model_and_tokenizer, read_weights, save_checkpoint
 
 
@@ -18,26 +19,17 @@ def fp32_demo():
     return load_model_and_tokenizer(device="cpu")
 
 
-def argmax_agreement(reference, quantized, tokenizer, examples):
-    """Share of response positions where the quantized model's next-token argmax equals fp32's."""
-    agree = total = 0
-    with torch.no_grad():
-        for _, query, history, response in examples:
-            input_ids, labels = encode_example(tokenizer, query, history, response)
-            ids = torch.tensor([input_ids])
-            scored = torch.tensor(labels[1:]) != -100
-            a = reference(input_ids=ids).logits[0, :-1].argmax(-1)[scored]
-            b = quantized(input_ids=ids).logits[0, :-1].argmax(-1)[scored]
-            agree += int((a == b).sum())
-            total += int(scored.sum())
-    return agree / total
-
-
-@pytest.mark.parametrize("bits,target", [(8, 0.99), (4, 0.95)])
-def test_accuracy_on_the_demo_corpus(fp32_demo, bits, target):
+@pytest.mark.parametrize("bits,embeddings,target", [(8, False, 0.99), (4, False, 0.95), (8, True, 0.99), (4, True, 0.95)])
+def test_accuracy_on_the_demo_corpus(fp32_demo, bits, embeddings, target):
+    """Within the issue's bounds, with and without --quantize-embeddings (benchmarks/bench_accuracy.py measures
+    every path on the whole corpus)."""
     reference, tokenizer = fp32_demo
-    quantized, _ = load_model_and_tokenizer(device="cpu", quantize=bits)
+    quantized, _ = load_model_and_tokenizer(device="cpu", quantize=bits, quantize_embeddings=embeddings)
     assert all(isinstance(layer.attention.query_key_value, QuantizedLinear) for layer in quantized.transformer.layers)
+    assert isinstance(quantized.transformer.word_embeddings, QuantizedEmbedding) == embeddings
+    if embeddings:  # one quantized table for both ends, as the original -qe model
+        assert quantized.lm_head.weight is quantized.transformer.word_embeddings.weight
+        assert quantized.lm_head.weight_scale is quantized.transformer.word_embeddings.weight_scale
     examples = load_corpus()[::4]  # every 4th example keeps the test quick; the benchmark covers them all
     assert argmax_agreement(reference, quantized, tokenizer, examples) >= target
     if bits == 8:
@@ -190,9 +182,10 @@ def test_bf16_on_the_cpu_kernel_answers_as_torch_does(monkeypatch):
     model, tokenizer = load_model_and_tokenizer(device="cpu", dtype=torch.bfloat16)
     assert quantization._cpu_kernels, "loading a bf16 model on the CPU readies the kernel"
     calls = []
-    kernel = quantization._cpu_kernels.bf16_linear
+    kernels = quantization._cpu_kernels
     monkeypatch.setattr(quantization, "_cpu_kernels", type("Counting", (), {
-        "bf16_linear": staticmethod(lambda *a: calls.append(1) or kernel(*a))})())
+        "bf16_linear": staticmethod(lambda *a: calls.append("linear") or kernels.bf16_linear(*a)),
+        "decode_attention": staticmethod(lambda *a: calls.append("attention") or kernels.decode_attention(*a))})())
 
     def torch_matmul(**inputs):
         with monkeypatch.context() as m:
@@ -200,5 +193,37 @@ def test_bf16_on_the_cpu_kernel_answers_as_torch_does(monkeypatch):
             return model(**inputs)
 
     assert argmax_agreement(torch_matmul, model, tokenizer, load_corpus()[::4]) >= 0.99
-    assert calls, "the kernel ran"
+    assert "linear" in calls, "the kernel ran"
     assert model.chat(tokenizer, "你好", do_sample=False)[0] == HELLO_REPLY
+    assert "attention" in calls, "decoding steps took the kernel's attention"
+
+
+def test_quantize_embeddings_option_reaches_the_loader_and_is_refused_alone(tmp_path):
+    """`--quantize 4 --quantize-embeddings` quantizes while loading exactly as `model.quantize(4,
+    quantize_embeddings=True)` (the original -qe model's way); without --quantize it stops with one line; a
+    checkpoint quantized without its embeddings is refused with the reason."""
+    import argparse
+    import subprocess
+    import sys
+
+    from runtime.loading import CheckpointError
+    from runtime.options import add_model_args, load_from_args
+
+    args = add_model_args(argparse.ArgumentParser()).parse_args(["--device", "cpu", "--quantize", "4",
+                                                                 "--quantize-embeddings"])
+    model, tokenizer = load_from_args(args)
+    expected, _ = load_model_and_tokenizer(device="cpu")
+    expected.quantize(4, quantize_embeddings=True)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model.config.quantization_embeddings
+    save_checkpoint(model, tokenizer, str(tmp_path / "qe"))
+    int4, _ = load_model_and_tokenizer(device="cpu", quantize=4)
+    save_checkpoint(int4, tokenizer, str(tmp_path / "int4"))
+    with pytest.raises(CheckpointError, match="without its embeddings"):
+        load_model_and_tokenizer(str(tmp_path / "int4"), device="cpu", quantize=4, quantize_embeddings=True)
+    reloaded, _ = load_model_and_tokenizer(str(tmp_path / "qe"), device="cpu", quantize=4, quantize_embeddings=True)
+    assert isinstance(reloaded.transformer.word_embeddings, QuantizedEmbedding)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "cli_demo.py"), "--quantize-embeddings"],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode != 0 and "--quantize-embeddings needs --quantize" in r.stderr

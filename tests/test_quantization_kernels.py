@@ -99,9 +99,11 @@ def test_kernel_low_precision_inputs(kernels, bits, dtype):
 
 
 def same_quantization_reference(x, q, s, b, bits):
-    """The integer path's arithmetic in torch: x rounded to int8 per block of 128 (scale absmax / 127)."""
+    """The integer path's arithmetic in torch: x rounded to int8 per block of the kernel's activation_block()
+    values (scale absmax / 127)."""
     M, K = x.shape
-    blocks = x.float().view(M, K // 128, 128)
+    block = Q._load_cpu_kernels().activation_block()
+    blocks = x.float().view(M, K // block, block)
     step = blocks.abs().amax(-1, keepdim=True) / 127
     xq = torch.where(step > 0, torch.round(blocks / step.clamp_min(1e-30)), torch.zeros_like(blocks))
     return reference((xq * step).view(M, K), q, s, b, bits)
@@ -113,8 +115,8 @@ needs_integer_path = pytest.mark.skipif(not (Q._load_cpu_kernels() and Q._cpu_ke
 
 @needs_integer_path
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("M,N,K", [(1, 5, 128), (3, 17, 256), (4, 64, 4096), (16, 33, 1024), (65, 9, 384),
-                                   (600, 7, 256)])
+@pytest.mark.parametrize("M,N,K", [(1, 5, 128), (3, 17, 256), (4, 64, 4096), (5, 12, 1024), (16, 33, 1024),
+                                   (65, 9, 384), (600, 7, 256)])
 def test_integer_path_is_the_int8_activation_arithmetic(kernels, bits, M, N, K):
     torch.manual_seed(M + N + K)
     q, s = Q.quantize_weight(torch.randn(N, K) * 0.02, bits)
@@ -123,6 +125,16 @@ def test_integer_path_is_the_int8_activation_arithmetic(kernels, bits, M, N, K):
     torch.testing.assert_close(y, same_quantization_reference(x, q, s, b, bits), rtol=1e-5, atol=1e-5)
     exact = reference(x, q, s, b, bits)  # the fp32 path's result: within the int8 rounding of x
     assert ((y - exact).abs().max() / exact.abs().max()) < 1e-2
+
+
+@needs_integer_path
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_that_are_not_whole_activation_blocks_take_the_fp32_path(kernels, bits):
+    K = kernels.activation_block() + 64
+    q, s = Q.quantize_weight(torch.randn(9, K), bits)
+    x = torch.randn(3, K)
+    torch.testing.assert_close(Q.quantized_linear(x, q, s, None, bits), reference(x, q, s, None, bits),
+                               rtol=1e-5, atol=1e-4)
 
 
 @needs_integer_path
@@ -191,6 +203,31 @@ def test_bf16_kernel_gives_a_row_the_same_result_alone_and_in_a_batch(kernels):
         assert torch.equal(kernels.bf16_linear(x[i:i + 1], w, None), batched[i:i + 1])
 
 
+def attention_reference(q, k, v, bias, scale):
+    scores = q.float() @ k.float().transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    return torch.softmax(scores, -1) @ v.float()
+
+
+@pytest.mark.parametrize("B,H,L,T,D", [(1, 32, 1, 80, 128), (2, 3, 1, 1, 128), (2, 3, 3, 300, 128), (1, 2, 2, 17, 40)])
+def test_decode_attention_reads_cache_views_in_place(kernels, B, H, L, T, D):
+    """Keys and values as a growing cache holds them: views of a longer buffer; a padding bias broadcast over
+    heads (the engine's blocked columns) or over the batch too."""
+    torch.manual_seed(B * T + D)
+    q = torch.randn(B, H, L, D).bfloat16()
+    k_buffer, v_buffer = torch.randn(B, H, T + 7, D).bfloat16(), torch.randn(B, H, T + 7, D).bfloat16()
+    k, v = k_buffer[:, :, :T], v_buffer[:, :, :T]
+    assert not k.is_contiguous()
+    scale = D ** -0.5
+    for bias in (None, torch.zeros(B, 1, L, T), torch.zeros(1, 1, L, T).bfloat16()):
+        if bias is not None and T > 1:
+            bias[..., : T // 3] = -10000.0  # blocked columns: the model's additive mask value (MASK_FILL_VALUE)
+        y = kernels.decode_attention(q, k, v, bias, scale)
+        assert y.dtype == torch.bfloat16 and y.shape == (B, H, L, D)
+        torch.testing.assert_close(y.float(), attention_reference(q, k, v, bias, scale), rtol=2 ** -7, atol=2e-3)
+
+
 def test_float_linear_takes_the_kernel_only_where_it_applies(kernels, monkeypatch):
     calls = []
     monkeypatch.setattr(Q, "_cpu_kernels", type("Spy", (), {
@@ -244,6 +281,37 @@ def test_fallback_matches_kernel(kernels, torch_fallback, bits):
     torch.testing.assert_close(y_fallback, y_kernel, rtol=1e-5, atol=1e-4)
     xb = x.bfloat16()
     assert Q.quantized_linear(xb, q, s, b, bits).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gpu_int8_op_matches_the_reference_on_the_cpu(dtype):
+    """The CUDA INT8 path's fused op, torch._weight_int8pack_mm, exists on the CPU too: same op, same layout."""
+    torch.manual_seed(10)
+    q, s = Q.quantize_weight(torch.randn(70, 256), 8)
+    x, b = torch.randn(2, 3, 256).to(dtype), torch.randn(70).to(dtype)
+    y = Q.fused_int8_linear(x, q, s.to(dtype), b)
+    assert y.dtype == dtype and y.shape == (2, 3, 70)
+    ref = reference(x.reshape(-1, 256), q, s.to(dtype), b, 8).view(2, 3, 70)
+    tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(y.float(), ref, **tolerance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_gpu_call_holds_a_bounded_transient(bits):
+    """No dequantized fp16 copy of the whole weight per call: INT4 dequantizes GPU_TRANSIENT_BYTES of rows at a
+    time (with its unpacking temporaries, 4x that at most), INT8's fused op none, beyond the output."""
+    q, s = Q.quantize_weight(torch.randn(16384, 4096), bits)
+    q, s, x = q.cuda(), s.cuda(), torch.randn(8, 4096, dtype=torch.half, device="cuda")
+    ref = reference(x.float().cpu(), q.cpu(), s.cpu(), None, bits)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y = Q.quantized_linear(x, q, s.half(), None, bits)
+    torch.cuda.synchronize()
+    transient = torch.cuda.max_memory_allocated() - base - y.numel() * y.element_size()
+    assert transient <= 4 * Q.GPU_TRANSIENT_BYTES, transient  # dequantizing it whole took about 320 MB
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=1e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("fallback", [False, True])
