@@ -3,8 +3,9 @@ serving engine: decode ms/token (batch 1, KV cache, steady state) against the me
 first token for several prompt lengths, the step time of 1 to 16 rows decoding together, weight bytes, peak RSS.
 
     python benchmarks/bench_decode.py                      # demo checkpoint, every dtype
-    python benchmarks/bench_decode.py --model 6b --dtypes bf16,int8,int4 --prompt-lengths 128,512,1024
-                                                           # ChatGLM-6B-shaped, random weights built in memory
+    python benchmarks/bench_decode.py --model 6b --dtypes bf16,int8,int4,int4-qe --prompt-lengths 128,512,1024
+                                                           # ChatGLM-6B-shaped, random weights built in memory;
+                                                           # -qe: with --quantize-embeddings
 
 Every configuration runs in its own process, so that its peak RSS is its own. fp32 6B (24.7 GB) does not fit
 in this machine's 24 GiB and is skipped. CHATGLM_QUANT_FP32_ACTIVATIONS=1 (int8/int4 with the fp32-activation
@@ -26,17 +27,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.common import machine_summary, peak_rss, read_bandwidth  # noqa: E402
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from chatglm_6b.modeling_chatglm import CACHE_FIELD, ChatGLMForConditionalGeneration  # noqa: E402
-from chatglm_6b.quantization import LAYER_LINEARS, QuantizedLinear, rows_per_block, set_quantized_weight  # noqa: E402
+from chatglm_6b.quantization import (LAYER_LINEARS, QuantizedLinear, quantize, rows_per_block,  # noqa: E402
+                                     set_quantized_weight)
 from runtime.engine import GenerationEngine  # noqa: E402
 from runtime.loading import load_model_and_tokenizer, release_freed_memory  # noqa: E402
 from runtime.options import DTYPES  # noqa: E402
+
+# dtypes of --dtypes that are quantized; -qe: with --quantize-embeddings
+QUANTIZED = {"int8": 8, "int4": 4, "int8-qe": 8, "int4-qe": 4}
+
 
 def random_6b(dtype_name: str, **config) -> ChatGLMForConditionalGeneration:
     """ChatGLM-6B's shapes with random weights (`config` overrides ChatGLMConfig's defaults, e.g. token ids).
     The model is built on the meta device and each tensor is then allocated directly in its final dtype;
     quantized linears are filled a block of rows at a time, so no float copy of the model (nor of one
     linear) exists when an integer dtype is asked for."""
-    bits = {"int8": 8, "int4": 4}.get(dtype_name)
+    bits = QUANTIZED.get(dtype_name)
     dtype = torch.bfloat16 if bits else DTYPES[dtype_name]
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(ChatGLMConfig(**config))
@@ -75,6 +81,8 @@ def random_6b(dtype_name: str, **config) -> ChatGLMForConditionalGeneration:
             else:
                 materialize(linear, "weight", std=0.02)
                 materialize(linear, "bias", std=0.0)
+    if dtype_name.endswith("-qe"):  # the word embeddings and the tied lm_head too (--quantize-embeddings)
+        quantize(model, bits, quantize_embeddings=True)
     return model.eval()
 
 
@@ -184,13 +192,13 @@ def measure_batched_steps(model, tokenizer, rows_list, prompt_length: int, decod
 def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.model == "demo":
-        bits = {"int8": 8, "int4": 4}.get(args.one)
+        bits = QUANTIZED.get(args.one)
         model, tokenizer = load_model_and_tokenizer(device="cpu", dtype=DTYPES.get(args.one, torch.float32),
-                                                    quantize=bits)
+                                                    quantize=bits, quantize_embeddings=args.one.endswith("-qe"))
     else:
         model = random_6b(args.one)
         _, tokenizer = load_model_and_tokenizer(device="cpu")  # the demo tokenizer: only ids go in and out
-        if args.one in ("bf16", "int8", "int4"):
+        if args.one != "fp16":
             from chatglm_6b.quantization import prepare_cpu_kernel
 
             prepare_cpu_kernel()  # as loading does for these dtypes on the CPU
@@ -240,28 +248,28 @@ def main():
     baseline = next((r for r in rows if r["dtype"] in ("fp32", "bf16")), None)
     print(f"\ndecode ms/token, prompt {args.prompt_length} tokens, {args.decode_steps} steps: median step of "
           f"generate() and of a bare forward loop; roofline = weight bytes read per token / bandwidth")
-    print(f"{'dtype':<6} {'weights GB':>10} {'peak RSS GB':>11} {'generate':>9} {'forward':>8} {'gen/fwd':>7} "
+    print(f"{'dtype':<8} {'weights GB':>10} {'peak RSS GB':>11} {'generate':>9} {'forward':>8} {'gen/fwd':>7} "
           f"{'roofline ms':>11} {'x roofline':>10} {'speed vs ' + (baseline['dtype'] if baseline else '-'):>13}")
     for r in rows:
         roofline = r["weight_bytes"] / (bandwidth * 1e9) * 1000
         speed = f"{baseline['generate_ms'] / r['generate_ms']:.2f}x" if baseline else "-"
-        print(f"{r['dtype']:<6} {r['weight_bytes'] / 1e9:>10.3f} {r['peak_rss'] / 1e9:>11.2f} "
+        print(f"{r['dtype']:<8} {r['weight_bytes'] / 1e9:>10.3f} {r['peak_rss'] / 1e9:>11.2f} "
               f"{r['generate_ms']:>9.2f} {r['forward_ms']:>8.2f} {r['generate_ms'] / r['forward_ms']:>7.3f} "
               f"{roofline:>11.2f} {r['generate_ms'] / roofline:>10.2f} {speed:>13}")
     lengths = args.prompt_lengths.split(",") if args.prompt_lengths else []
     if lengths:
         print("\ntime to first token through generate(), s (prompt tokens/s)")
-        print(f"{'dtype':<6} " + " ".join(f"{n + ' tokens':>18}" for n in lengths))
+        print(f"{'dtype':<8} " + " ".join(f"{n + ' tokens':>18}" for n in lengths))
         for r in rows:
-            print(f"{r['dtype']:<6} " + " ".join(f"{r['ttft_s'][n]:>8.2f} ({int(n) / r['ttft_s'][n]:>6.1f}/s)"
+            print(f"{r['dtype']:<8} " + " ".join(f"{r['ttft_s'][n]:>8.2f} ({int(n) / r['ttft_s'][n]:>6.1f}/s)"
                                                  for n in lengths))
     batch = args.batch_rows.split(",") if args.batch_rows else []
     if batch:
         print(f"\nengine step with N rows decoding together, ms (x one row's step), prompt {args.prompt_length} tokens")
-        print(f"{'dtype':<6} " + " ".join(f"{n + ' rows':>16}" for n in batch))
+        print(f"{'dtype':<8} " + " ".join(f"{n + ' rows':>16}" for n in batch))
         for r in rows:
             one = r["step_ms"][batch[0]]
-            print(f"{r['dtype']:<6} " + " ".join(f"{r['step_ms'][n]:>8.1f} ({r['step_ms'][n] / one:.2f}x)"
+            print(f"{r['dtype']:<8} " + " ".join(f"{r['step_ms'][n]:>8.1f} ({r['step_ms'][n] / one:.2f}x)"
                                                  for n in batch))
 
 
