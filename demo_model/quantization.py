@@ -158,6 +158,7 @@ def _load_cpu_kernels():
     try:
         if hasattr(torch.ops.chatglm_quant, "linear"):  # already registered in this process
             _cpu_kernels = torch.ops.chatglm_quant
+            _cpu_kernel_build = _cpu_kernels.simd()
             return _cpu_kernels
     except (AttributeError, RuntimeError):
         pass
@@ -306,9 +307,11 @@ def quantized_linear(x, qweight, scale, bias, bits):
     return _forward(x, qweight, scale, bias, bits)
 
 
-# Up to this many input rows the bf16 kernel beats torch's bf16 matmul here (for 1 to 16 rows by 1.5-2x); above,
-# torch's blocked GEMM does (2x at 128 rows). Decoding (one row per sequence) stays on the kernel.
+# Up to this many input rows the bf16 kernel beats torch's bf16 matmul here: with AVX512-BF16 for 1 to 16 rows by
+# 1.3-2.8x (above 64 rows torch's blocked GEMM wins, 2x at 128); the widening AVX2/scalar code only for a few rows
+# (2.9x at one row, half torch's speed at 16). Decoding (one row per sequence) stays on the kernel.
 BF16_KERNEL_ROWS = 64
+BF16_KERNEL_ROWS_WIDENING = 4
 
 
 def float_linear(x, weight, bias=None):
@@ -318,11 +321,15 @@ def float_linear(x, weight, bias=None):
     the memory bandwidth."""
     kernels = loaded_cpu_kernels()
     if (kernels and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() <= BF16_KERNEL_ROWS * x.shape[-1]
+            and x.numel() <= _bf16_kernel_rows() * x.shape[-1]
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
         return kernels.bf16_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _bf16_kernel_rows() -> int:
+    return BF16_KERNEL_ROWS if "AVX512-BF16" in _cpu_kernel_build else BF16_KERNEL_ROWS_WIDENING
 
 
 def loaded_cpu_kernels():
