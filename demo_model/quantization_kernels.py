@@ -36,6 +36,7 @@ CPP_SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------
@@ -175,22 +176,28 @@ static void rows_all_m(const float* x, int64_t M, int64_t K, const int8_t* w, in
   }
 }
 
+// The N output rows in tiles of R, over torch's threads: at::parallel_for runs on torch's OpenMP pool, so it
+// honours torch.set_num_threads(); each thread gets one contiguous range of output rows and streams that part of
+// the weight once. rows(n, std::integral_constant<int, ROWS>, prefetch) computes rows [n, n + ROWS) for every
+// input row; prefetch: another full tile of this thread follows (the last tile's rows go one at a time).
+template <typename Rows>
+static void over_row_tiles(int64_t N, Rows rows) {
+  const int64_t tiles = (N + R - 1) / R;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t n = t * R;
+      if (n + R <= N) rows(n, std::integral_constant<int, R>{}, n + 2 * R <= N && t + 1 < t1);
+      else for (int64_t i = n; i < N; i++) rows(i, std::integral_constant<int, 1>{}, false);
+    }
+  });
+}
+
 template <int BITS>
 static void gemv_like(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N,
                       const float* scale, const float* bias, float* out) {
   const int64_t ldw = K * BITS / 8;
-  const int64_t tiles = (N + R - 1) / R;
-  // at::parallel_for runs on torch's OpenMP pool, so it honours torch.set_num_threads();
-  // each thread gets one contiguous range of output rows and streams that part of the weight once.
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; t++) {
-      const int64_t n = t * R;
-      if (n + R <= N) {
-        rows_all_m<BITS, R>(x, M, K, w, ldw, n, scale, bias, out, N, n + 2 * R <= N && t + 1 < t1);
-      } else {
-        for (int64_t i = n; i < N; i++) rows_all_m<BITS, 1>(x, M, K, w, ldw, i, scale, bias, out, N, false);
-      }
-    }
+  over_row_tiles(N, [&](int64_t n, auto rows, bool prefetch) {
+    rows_all_m<BITS, decltype(rows)::value>(x, M, K, w, ldw, n, scale, bias, out, N, prefetch);
   });
 }
 
@@ -384,18 +391,10 @@ static void integer_linear(const float* x, int64_t M, int64_t K, const int8_t* w
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M * (K / QB)), corr(M);
   quantize_rows(x, M, K, BITS == 4, BITS == 4 ? 8 : kInt8Offset, xq.data(), xs.data(), corr.data());
-  const int64_t ldw = K * BITS / 8, tiles = (N + R - 1) / R;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; t++) {
-      const int64_t n = t * R;
-      if (n + R <= N) {
-        int_rows<BITS, R>(xq.data(), xs.data(), corr.data(), M, K, w, ldw, n, scale, bias, out, N,
-                          n + 2 * R <= N && t + 1 < t1);
-      } else {
-        for (int64_t i = n; i < N; i++)
-          int_rows<BITS, 1>(xq.data(), xs.data(), corr.data(), M, K, w, ldw, i, scale, bias, out, N, false);
-      }
-    }
+  const int64_t ldw = K * BITS / 8;
+  over_row_tiles(N, [&](int64_t n, auto rows, bool prefetch) {
+    int_rows<BITS, decltype(rows)::value>(xq.data(), xs.data(), corr.data(), M, K, w, ldw, n, scale, bias, out, N,
+                                          prefetch);
   });
 }
 #else
@@ -532,6 +531,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   float* op = out.data_ptr<float>();
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   const int64_t Dv = D / V * V;
+  const int64_t kt_stride = k.stride(2), vt_stride = v.stride(2);
+  const int64_t bt_stride = bp ? bf.stride(3) : 0;
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(T), acc(D);
     for (int64_t i = i0; i < i1; i++) {
@@ -540,14 +541,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const uint16_t* vb = vp + b * v.stride(0) + h * v.stride(1);
       for (int64_t l = 0; l < L; l++) {
         const float* ql = qp + ((b * H + h) * L + l) * D;
+        const float* bl = bp ? bp + b * bf.stride(0) + h * bf.stride(1) + l * bf.stride(2) : nullptr;
         float top = -INFINITY;
         for (int64_t t = 0; t < T; t++) {
-          const uint16_t* kt = kb + t * k.stride(2);
+          const uint16_t* kt = kb + t * kt_stride;
           vf s = vzero();
           for (int64_t d = 0; d < Dv; d += V) s = vfma(vbf16(kt + d), vload(ql + d), s);
           float st = vsum(s);
           for (int64_t d = Dv; d < D; d++) st += bf16_to_float(kt[d]) * ql[d];
-          st = st * (float)scale + (bp ? bp[b * bf.stride(0) + h * bf.stride(1) + l * bf.stride(2) + t * bf.stride(3)] : 0.f);
+          st = st * (float)scale + (bl ? bl[t * bt_stride] : 0.f);
           p[t] = st;
           top = std::max(top, st);
         }
@@ -558,7 +560,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t = 0; t < T; t++) {
-          const uint16_t* vt = vb + t * v.stride(2);
+          const uint16_t* vt = vb + t * vt_stride;
           const float w = p[t];
           const vf wv = vset1(w);
           for (int64_t d = 0; d < Dv; d += V) vstore(acc.data() + d, vfma(vbf16(vt + d), wv, vload(acc.data() + d)));
@@ -598,14 +600,9 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t tiles = (N + R - 1) / R;
   if (M > 0 && N > 0) {
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; t++) {
-        const int64_t n = t * R;
-        if (n + R <= N) bf16_rows<X, R>(xp, M, K, wp, n, bp, op, N, n + 2 * R <= N && t + 1 < t1);
-        else for (int64_t i = n; i < N; i++) bf16_rows<X, 1>(xp, M, K, wp, i, bp, op, N, false);
-      }
+    over_row_tiles(N, [&](int64_t n, auto rows, bool prefetch) {
+      bf16_rows<X, decltype(rows)::value>(xp, M, K, wp, n, bp, op, N, prefetch);
     });
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -613,7 +610,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   return out.view(shape).to(x.scalar_type());
 }
 
-// The SIMD paths of this build, e.g. "AVX-512, integer AVX512-VNNI, bf16 AVX512-BF16".
+// The SIMD paths of this build, e.g. "AVX-512, int8 activations with AVX512-VNNI, bf16 weights with AVX512-BF16".
 std::string simd() {
   const std::string base = V == 16 ? "AVX-512" : V == 8 ? "AVX2" : "scalar";
   const std::string integer = kIntegerPath ? std::string(", int8 activations with ") + CHATGLM_INTEGER_ISA
