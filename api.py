@@ -37,6 +37,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Tuple, Union
 
@@ -48,12 +49,11 @@ from fastapi_offline import FastAPIOffline
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 from starlette.exceptions import HTTPException
 
-from chatglm_6b.modeling_chatglm import build_prompt, encode_chat, process_response
-from runtime.engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, EngineClosed, GenerationEngine, QueueFull, Reply
-from runtime.generation import first_stop, stable_prefix
+from chatglm_6b.modeling_chatglm import build_prompt, encode_chat
+from runtime.engine import DoesNotFit, EngineClosed, GenerationEngine, QueueFull, Reply
 from runtime.metrics import RequestCounter, ServingMetrics
 from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args,
-                             add_serving_args, load_from_args, sampling)
+                             add_serving_args, engine_options, load_from_args, sampling)
 from runtime.server import (DEFAULT_MAX_BODY_BYTES, LOOPBACK_NAMES, DrainingServer, ErrorBody, ErrorResponse,
                             HeaderDeadline, RequestGuard, error_response)
 
@@ -180,11 +180,11 @@ NEUTRAL = {"tools": [[]], "functions": [[]], "tool_choice": ["none"], "function_
 
 
 def refuse_unsupported(request: "ChatCompletionRequest") -> None:
-    for field, neutral in NEUTRAL.items():
-        value = getattr(request, field)
+    for name, neutral in NEUTRAL.items():
+        value = getattr(request, name)
         if value is not None and value not in neutral:
-            raise ApiError(400, f"{field} is not supported by this server (ChatGLM-6B generates plain text only)",
-                           field)
+            raise ApiError(400, f"{name} is not supported by this server (ChatGLM-6B generates plain text only)",
+                           name)
     if request.seed is not None:
         raise ApiError(400, "seed is not supported: sampling here is not reproducible by seed; use temperature 0 "
                             "for a deterministic reply", "seed")
@@ -300,6 +300,17 @@ def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
+@dataclass
+class Job:
+    """A request, checked and tokenized, as the engine runs it."""
+    query: str
+    history: List[Tuple[str, str]]
+    prompt_ids: List[int]
+    max_length: int  # prompt and reply tokens
+    sampling: dict  # do_sample, temperature, top_p
+    stops: List[str] = field(default_factory=list)
+
+
 class Prompts:
     """Requests -> what the engine runs, checked against the model's context. Runs in a worker thread
     (tokenizing a long prompt takes a while), never waiting for the model."""
@@ -320,71 +331,61 @@ class Prompts:
                                 f"context of {self.context} tokens (max_sequence_length)", param)
         return prompt_ids
 
-    def chat(self, request: ChatRequest) -> dict:
+    def chat(self, request: ChatRequest) -> Job:
         history = [tuple(pair) for pair in request.history]
         prompt_ids = self.encode(request.prompt, history, "prompt")
         max_length = min(request.max_length, self.context)
         if max_length <= len(prompt_ids):
             raise ApiError(400, f"max_length: {request.max_length} leaves no room for a response after the "
                                 f"prompt's {len(prompt_ids)} tokens", "max_length")
-        return {"query": request.prompt, "history": history, "prompt_ids": prompt_ids, "max_length": max_length,
-                "sampling": sampling(request.temperature, request.top_p), "stops": []}
+        return Job(request.prompt, history, prompt_ids, max_length, sampling(request.temperature, request.top_p))
 
-    def completion(self, request: ChatCompletionRequest) -> dict:
+    def completion(self, request: ChatCompletionRequest) -> Job:
         refuse_unsupported(request)
         query, history = messages_to_chat(request.messages)
         prompt_ids = self.encode(query, history, "messages")
         max_tokens = request.max_completion_tokens or request.max_tokens or self.context
         temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
         top_p = DEFAULT_TOP_P if request.top_p is None else request.top_p
-        return {"query": query, "history": history, "prompt_ids": prompt_ids,
-                "max_length": min(len(prompt_ids) + max_tokens, self.context), "sampling": sampling(temperature, top_p),
-                "stops": request.stop}
+        return Job(query, history, prompt_ids, min(len(prompt_ids) + max_tokens, self.context),
+                   sampling(temperature, top_p), request.stop)
 
 
 class ChatService:
-    """Requests in, replies out: prompts are prepared in worker threads, generated by the batching engine
-    (runtime/engine.py) together with every other running request, and decoded on the event loop."""
+    """Requests in, replies out: prompts are prepared in worker threads, then generated, detokenized and
+    post-processed by the engine (runtime/engine.py) together with every other running request; the event loop
+    only forwards the text."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int, max_queue: int, metrics: ServingMetrics):
+    def __init__(self, model, tokenizer, metrics: ServingMetrics, **engine_options):
         self.tokenizer = tokenizer
         self.prompts = Prompts(tokenizer, model.config.max_sequence_length)
-        self.engine = GenerationEngine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue).start()
+        self.engine = GenerationEngine(model, tokenizer, **engine_options).start()
         self.metrics = metrics.watch(self.engine)
 
-    async def prepare(self, make_job: Callable, request) -> dict:
+    async def prepare(self, make_job: Callable, request) -> Job:
         return await asyncio.to_thread(make_job, request)
 
-    def submit(self, job: dict) -> Reply:
+    def submit(self, job: Job) -> Reply:
         try:
-            reply = self.engine.submit(job["prompt_ids"], job["max_length"], loop=asyncio.get_running_loop(),
-                                       **job["sampling"])
+            reply = self.engine.submit(job.prompt_ids, job.max_length, loop=asyncio.get_running_loop(),
+                                       stops=job.stops, **job.sampling)
         except QueueFull as full:
             raise ApiError(429, f"the server is busy: {full}; retry later", kind="rate_limit_error",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except EngineClosed as closed:
             raise shutting_down(closed) from None
-        self.metrics.prompt_tokens.inc(len(job["prompt_ids"]))
+        except DoesNotFit as error:
+            raise ApiError(400, f"messages: {error}", "messages") from None
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         return reply
 
-    async def completion(self, job: dict, reply: Reply) -> AsyncIterator[Tuple[str, int, Optional[str]]]:
-        """Yields (response so far, completion tokens, None) after every token, then the final
-        (response, completion tokens, finish reason). Stop strings are looked for in the text as the
-        model wrote it (before process_response turns ASCII marks next to Chinese into Chinese ones);
-        the first one ends generation. The end token is not counted as a completion token."""
-        # The tokens as this consumer has received them (the engine's reply.tokens may already be ahead).
-        received, response, tokens = [], "", 0
+    async def completion(self, job: Job, reply: Reply) -> AsyncIterator[str]:
+        """The reply's text as it becomes visible (process_response's text, cut before the first stop string,
+        as the engine makes it); afterwards reply.finish_reason and reply.completion_tokens tell how it ended."""
         try:
-            async for token in self.metrics.timed(reply):
-                received.append(token)
-                tokens = len(received) - (token in self.engine.eos_ids)
-                raw = self.tokenizer.decode(received)
-                cut = first_stop(raw, job["stops"])
-                if cut is not None:
-                    yield process_response(raw[:cut]), tokens, "stop"
-                    return
-                response = process_response(raw)
-                yield response, tokens, None
+            async for delta in self.metrics.timed(reply):
+                if delta.text:
+                    yield delta.text
         except EngineClosed as closed:  # it was waiting when the server began shutting down
             raise shutting_down(closed) from None
         except (GeneratorExit, asyncio.CancelledError):  # the client went away: its row is freed below
@@ -393,16 +394,15 @@ class ChatService:
         finally:
             reply.cancel()
             self.metrics.completion_tokens.inc(len(reply.tokens))
-        yield response, tokens, reply.finish_reason
 
-    async def whole(self, job: dict, connection: Request) -> Tuple[str, int, str]:
-        """The last item of completion(job); if the client disconnects first, generation stops (ClientGone)."""
+    async def whole(self, job: Job, connection: Request) -> Reply:
+        """Generates the whole reply; if the client disconnects first, generation stops (ClientGone)."""
         reply = self.submit(job)
 
         async def last():
-            async for item in self.completion(job, reply):
+            async for _ in self.completion(job, reply):
                 pass
-            return item
+            return reply
 
         return await unless_disconnected(connection, last())
 
@@ -435,7 +435,7 @@ async def unless_disconnected(connection: Request, work):
     raise ClientGone
 
 
-async def stream_chunks(events: AsyncIterator, job: dict, completion_id: str, created: int,
+async def stream_chunks(service: ChatService, job: Job, reply: Reply, completion_id: str, created: int,
                         request: ChatCompletionRequest) -> AsyncIterator[str]:
     def chunk(delta: Delta, finish_reason=None, choices=True, usage_counts=None) -> str:
         return sse(ChatCompletionChunk(id=completion_id, created=created, model=MODEL_ID, usage=usage_counts,
@@ -443,27 +443,23 @@ async def stream_chunks(events: AsyncIterator, job: dict, completion_id: str, cr
                                        else []).model_dump_json())
 
     yield chunk(Delta(role="assistant", content=""))
-    sent = ""
     try:
-        async for response, tokens, finish_reason in events:
-            stable = response if finish_reason else stable_prefix(response, job["stops"])
-            if len(stable) > len(sent) and stable.startswith(sent):
-                yield chunk(Delta(content=stable[len(sent):]))
-                sent = stable
+        async for text in service.completion(job, reply):
+            yield chunk(Delta(content=text))
     except Exception as error:  # the 200 is already sent: report it in the stream, as OpenAI does
         logger.exception("streaming failed")
         yield sse(ErrorResponse(error=ErrorBody(message=f"internal error: {type(error).__name__}: {error}",
                                                 type="server_error")).model_dump_json())
         return
-    log_exchange(job["query"], response)
-    yield chunk(Delta(), finish_reason)
+    log_exchange(job.query, reply.text)
+    yield chunk(Delta(), reply.finish_reason)
     if request.stream_options and request.stream_options.include_usage:
-        yield chunk(Delta(), choices=False, usage_counts=usage(job, tokens))
+        yield chunk(Delta(), choices=False, usage_counts=usage(job, reply))
     yield sse("[DONE]")
 
 
-def usage(job: dict, completion_tokens: int) -> Usage:
-    prompt_tokens = len(job["prompt_ids"])
+def usage(job: Job, reply: Reply) -> Usage:
+    prompt_tokens, completion_tokens = len(job.prompt_ids), reply.completion_tokens
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
 
@@ -479,12 +475,12 @@ ENDPOINTS = ["/", "/v1/chat/completions", "/v1/models", "/health", "/metrics"]
 
 
 def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: Optional[List[str]] = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
-    """The application, with its generation engine running; allowed_hosts None answers every Host header.
-    Shutting the application down (its lifespan's end) stops the engine."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **engine_options) -> FastAPI:
+    """The application, with its generation engine running (engine_options: GenerationEngine's max_batch_size,
+    max_queue, kv_cache_bytes, max_step_tokens); allowed_hosts None answers every Host header. Shutting the
+    application down (its lifespan's end) stops the engine."""
     metrics = ServingMetrics(ENDPOINTS)
-    service = ChatService(model, tokenizer, max_batch_size, max_queue, metrics)
+    service = ChatService(model, tokenizer, metrics, **engine_options)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -542,9 +538,9 @@ def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: O
     @app.post("/", response_model=ChatResponse, responses=ERROR_RESPONSES)
     async def chat(request: ChatRequest, connection: Request):
         job = await service.prepare(service.prompts.chat, request)
-        response, _, _ = await service.whole(job, connection)
+        response = (await service.whole(job, connection)).text
         now = log_exchange(request.prompt, response)
-        return ChatResponse(response=response, history=job["history"] + [(request.prompt, response)], status=200,
+        return ChatResponse(response=response, history=job.history + [(request.prompt, response)], status=200,
                             time=now)
 
     card = ModelCard(id=MODEL_ID, created=started, owned_by="THUDM")
@@ -582,14 +578,15 @@ def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: O
         job = await service.prepare(service.prompts.completion, request)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
-            events = service.completion(job, service.submit(job))  # a full queue is a 429, not a broken stream
-            return StreamingResponse(stream_chunks(events, job, completion_id, created, request),
+            reply = service.submit(job)  # a full queue is a 429, not a broken stream
+            return StreamingResponse(stream_chunks(service, job, reply, completion_id, created, request),
                                      media_type="text/event-stream")
-        response, tokens, finish_reason = await service.whole(job, connection)
-        log_exchange(job["query"], response)
+        reply = await service.whole(job, connection)
+        log_exchange(job.query, reply.text)
         return ChatCompletion(id=completion_id, created=created, model=MODEL_ID,
-                              choices=[Choice(message=AssistantMessage(content=response), finish_reason=finish_reason)],
-                              usage=usage(job, tokens))
+                              choices=[Choice(message=AssistantMessage(content=reply.text),
+                                              finish_reason=reply.finish_reason)],
+                              usage=usage(job, reply))
 
     return app
 
@@ -599,7 +596,7 @@ def app_from_args(args: argparse.Namespace) -> FastAPI:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, tokenizer = load_from_args(args)
     return create_app(model, tokenizer, api_key=args.api_key, allowed_hosts=args.allowed_hosts,
-                      max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+                      max_body_bytes=args.max_body_bytes, **engine_options(args))
 
 
 def main(argv=None) -> None:

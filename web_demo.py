@@ -10,11 +10,11 @@ import re
 
 import gradio as gr
 
-from chatglm_6b.modeling_chatglm import encode_chat, process_response
+from chatglm_6b.modeling_chatglm import encode_chat
 from runtime.engine import GenerationEngine
 from runtime.generation import STOPPED_MARK
 from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args,
-                             add_serving_args, load_from_args, sampling)
+                             add_serving_args, engine_options, load_from_args, sampling)
 
 LATEX_DELIMITERS = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 # Fenced code (possibly still open while a reply streams in) and inline code spans.
@@ -65,9 +65,12 @@ def make_predict(engine: GenerationEngine, tokenizer, greedy: bool = False):
                                   **sampling(temperature, top_p, greedy))
             # Stop closes this generator: that only marks the reply cancelled, and the engine drops it at the
             # end of its current step, so the page never waits for the model.
-            for _ in reply:
-                new_history = history + [(query, process_response(tokenizer.decode(reply.tokens)))]
-                yield to_messages(new_history, stopped), new_history
+            response = ""
+            for delta in reply:  # the engine detokenizes and post-processes: each delta is new visible text
+                if delta.text:
+                    response += delta.text
+                    new_history = history + [(query, response)]
+                    yield to_messages(new_history, stopped), new_history
         except Exception as error:  # noqa: BLE001 (any failure of one reply must not break the session)
             gr.Warning(f"出错 / Error: {error}")
             yield to_messages(history, stopped), history
@@ -121,7 +124,7 @@ def main():
     add_model_args(parser)
     args = parser.parse_args()
     model, tokenizer = load_from_args(args)
-    engine = GenerationEngine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue).start()
+    engine = GenerationEngine(model, tokenizer, **engine_options(args)).start()
     demo = build_demo(engine, tokenizer, greedy=args.greedy)
     demo.queue(max_size=args.max_queue).launch(server_name=args.host, server_port=args.port, share=args.share)
 

@@ -37,8 +37,9 @@ from runtime.options import DTYPES  # noqa: E402
 QUANTIZED = {"int8": 8, "int4": 4, "int8-qe": 8, "int4-qe": 4}
 
 
-def random_6b(dtype_name: str, **config) -> ChatGLMForConditionalGeneration:
-    """ChatGLM-6B's shapes with random weights (`config` overrides ChatGLMConfig's defaults, e.g. token ids).
+def random_6b(dtype_name: str, tokenizer=None, **config) -> ChatGLMForConditionalGeneration:
+    """ChatGLM-6B's shapes with random weights (`config` overrides ChatGLMConfig's defaults, e.g. token ids); with
+    a tokenizer, writing only what it shows (write_only_what_the_tokenizer_shows).
     The model is built on the meta device and each tensor is then allocated directly in its final dtype;
     quantized linears are filled a block of rows at a time, so no float copy of the model (nor of one
     linear) exists when an integer dtype is asked for."""
@@ -81,9 +82,22 @@ def random_6b(dtype_name: str, **config) -> ChatGLMForConditionalGeneration:
             else:
                 materialize(linear, "weight", std=0.02)
                 materialize(linear, "bias", std=0.0)
+    if tokenizer is not None:
+        write_only_what_the_tokenizer_shows(model, tokenizer)
     if dtype_name.endswith("-qe"):  # the word embeddings and the tied lm_head too (--quantize-embeddings)
         quantize(model, bits, quantize_embeddings=True)
     return model.eval()
+
+
+def write_only_what_the_tokenizer_shows(model, tokenizer) -> None:
+    """Zeroes the embedding rows (tied to lm_head) of the ids a random model should never write: past the
+    tokenizer's vocabulary (the demo tokenizer's, for the 6B shape), its end token (every reply then runs to its
+    length) and the ids that decode to nothing visible. Zero rows score 0 while random rows' scores spread around
+    it, so these are never the argmax nor in the top 50; the whole lm_head is still read every step."""
+    silent = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        model.transformer.word_embeddings.weight[len(tokenizer):] = 0
+        model.transformer.word_embeddings.weight[silent] = 0
 
 
 def weight_bytes(model) -> int:
@@ -168,23 +182,30 @@ def measure_first_token(model, lengths, rounds: int = 2) -> dict:
     return ttft
 
 
-def measure_batched_steps(model, tokenizer, rows_list, prompt_length: int, decode_steps: int) -> dict:
-    """ms per engine step with `rows` requests decoding together (the serving path: api.py, web_demo.py):
-    they are submitted at once, prefilled together, and the median gap between the first reply's tokens is
-    one step of all of them."""
-    engine = GenerationEngine(model, tokenizer, max_batch_size=max(rows_list)).start()
+def measure_engine(model, tokenizer, rows_list, prompt_length: int, decode_steps: int, lengths) -> dict:
+    """Through the serving engine (api.py, web_demo.py): ms per step with `rows` requests decoding together (they
+    are submitted at once, and the median gap between the first reply's tokens is one step of all of them), and
+    the time to the first token of a prompt alone, per length (its prefill in the engine's slices)."""
+    engine = GenerationEngine(model, tokenizer, max_batch_size=max(rows_list, default=1)).start()
     try:
-        steps = {}
+        steps, ttft = {}, {}
         for rows in rows_list:
             prompt = random_prompt(model, prompt_length)[0].tolist()
             replies = [engine.submit(prompt, max_length=prompt_length + decode_steps + 2) for _ in range(rows)]
             times = []
-            for _ in replies[0]:
-                times.append(time.perf_counter())
+            for delta in replies[0]:
+                if delta.token is not None:
+                    times.append(time.perf_counter())
             for reply in replies[1:]:
                 list(reply)
             steps[str(rows)] = median(step_times(times)) * 1000
-        return steps
+        for length in lengths:
+            reply = engine.submit(random_prompt(model, length)[0].tolist(), max_length=length + 2)
+            start = time.perf_counter()
+            next(iter(reply))
+            ttft[str(length)] = time.perf_counter() - start
+            list(reply)
+        return {"step_ms": steps, "engine_ttft_s": ttft}
     finally:
         engine.stop()
 
@@ -196,8 +217,8 @@ def run_one(args) -> dict:
         model, tokenizer = load_model_and_tokenizer(device="cpu", dtype=DTYPES.get(args.one, torch.float32),
                                                     quantize=bits, quantize_embeddings=args.one.endswith("-qe"))
     else:
-        model = random_6b(args.one)
-        _, tokenizer = load_model_and_tokenizer(device="cpu")  # the demo tokenizer: only ids go in and out
+        _, tokenizer = load_model_and_tokenizer(device="cpu")  # the demo tokenizer: the engine decodes the replies
+        model = random_6b(args.one, tokenizer)
         if args.one != "fp16":
             from chatglm_6b.quantization import prepare_cpu_kernel
 
@@ -207,7 +228,7 @@ def run_one(args) -> dict:
     return {"dtype": args.one, "weight_bytes": weight_bytes(model), "peak_rss": peak_rss(),
             **measure_decode(model, args.prompt_length, args.decode_steps),
             "ttft_s": measure_first_token(model, lengths),
-            "step_ms": measure_batched_steps(model, tokenizer, rows, args.prompt_length, args.decode_steps) if rows else {}}
+            **measure_engine(model, tokenizer, rows, args.prompt_length, args.decode_steps, lengths)}
 
 
 def main():
@@ -257,20 +278,23 @@ def main():
               f"{r['generate_ms']:>9.2f} {r['forward_ms']:>8.2f} {r['generate_ms'] / r['forward_ms']:>7.3f} "
               f"{roofline:>11.2f} {r['generate_ms'] / roofline:>10.2f} {speed:>13}")
     lengths = args.prompt_lengths.split(",") if args.prompt_lengths else []
-    if lengths:
-        print("\ntime to first token through generate(), s (prompt tokens/s)")
-        print(f"{'dtype':<8} " + " ".join(f"{n + ' tokens':>18}" for n in lengths))
-        for r in rows:
-            print(f"{r['dtype']:<8} " + " ".join(f"{r['ttft_s'][n]:>8.2f} ({int(n) / r['ttft_s'][n]:>6.1f}/s)"
-                                                 for n in lengths))
+    for key, where in (("ttft_s", "generate()"), ("engine_ttft_s", "the serving engine (sliced prefill)")):
+        if lengths:
+            print(f"\ntime to first token through {where}, s (prompt tokens/s)")
+            print(f"{'dtype':<8} " + " ".join(f"{n + ' tokens':>18}" for n in lengths))
+            for r in rows:
+                print(f"{r['dtype']:<8} " + " ".join(f"{r[key][n]:>8.2f} ({int(n) / r[key][n]:>6.1f}/s)"
+                                                     for n in lengths))
     batch = args.batch_rows.split(",") if args.batch_rows else []
     if batch:
-        print(f"\nengine step with N rows decoding together, ms (x one row's step), prompt {args.prompt_length} tokens")
-        print(f"{'dtype':<8} " + " ".join(f"{n + ' rows':>16}" for n in batch))
+        print(f"\nengine step with N rows decoding together, ms (x one row's step; 1 row x the bare forward loop), "
+              f"prompt {args.prompt_length} tokens")
+        print(f"{'dtype':<8} {'1 row / forward':>15} " + " ".join(f"{n + ' rows':>16}" for n in batch))
         for r in rows:
             one = r["step_ms"][batch[0]]
-            print(f"{r['dtype']:<8} " + " ".join(f"{r['step_ms'][n]:>8.1f} ({r['step_ms'][n] / one:.2f}x)"
-                                                 for n in batch))
+            overhead = f"{r['step_ms']['1'] / r['forward_ms']:.3f}x" if "1" in r["step_ms"] else "-"
+            print(f"{r['dtype']:<8} {overhead:>15} " + " ".join(f"{r['step_ms'][n]:>8.1f} ({r['step_ms'][n] / one:.2f}x)"
+                                                                for n in batch))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ Ops (registered as torch.ops.chatglm_quant.*):
   bf16_linear(x [*, K], weight bf16 [N, K], bias [N]?) -> [*, N] in x's dtype, fp32 accumulation
   decode_attention(q [B, nh, L, hd], k, v [B, nh, T, hd] (views of a longer cache allowed), bias?, scale) -> bf16
       softmax(q k^T * scale + bias) v for a few query rows, in fp32, reading the cache in place
+  paged_attention(q [N, nh, hd], key_cache, value_cache [blocks, nh, block_size, hd], block_tables [S, max_blocks],
+      rows [N], visible [N]) -> [N, nh, hd]: each query attends to the first visible[i] keys of its sequence's
+      blocks (block_tables[rows[i]]), read in place; fp32 or bf16
   dequantize(qweight int8 [N, K*bits/8], scale [N], bits) -> float32 [N, K]
   has_integer_path() -> whether this build has the integer path; simd() -> the SIMD paths of this build
 
@@ -574,6 +577,123 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out.to(at::kBFloat16);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention over a paged KV cache (the serving engine's), read in place. Every query sees a prefix of its
+// sequence's keys: keys [0, visible) (GLM: a prompt token sees the whole context and the tokens up to itself, a
+// generated token everything before it). Keys live in blocks of BS tokens; block_tables[row] lists a sequence's
+// blocks in order. Consecutive queries of one sequence are taken QT at a time, so that each key and value row
+// is read once for all of them (a prefill chunk's queries share every key). Scores, softmax and the weighted
+// values are fp32; the output is rounded to the cache's dtype once.
+// q [N, H, D]; key_cache, value_cache [num_blocks, H, BS, D] (q's dtype: fp32 or bf16); block_tables [S, max_blocks]
+// int32; rows, visible [N] int32 -> [N, H, D]
+// ---------------------------------------------------------------------------------------------
+static inline vf vload_elem(const float* p) { return vload(p); }
+static inline vf vload_elem(const uint16_t* p) { return vbf16(p); }
+static inline float elem_to_float(float x) { return x; }
+static inline float elem_to_float(uint16_t x) { return bf16_to_float(x); }
+
+constexpr int QT = 8;  // queries of one sequence sharing each key read
+
+template <typename E>
+static void paged_attention_impl(const float* q, const E* kc, const E* vc, const int32_t* tables, int64_t max_blocks,
+                                 const int32_t* rows, const int32_t* visible, int64_t N, int64_t H, int64_t BS,
+                                 int64_t D, float scale, float* out) {
+  std::vector<int64_t> starts;  // groups of up to QT consecutive queries of one sequence
+  for (int64_t i = 0; i < N; i++)
+    if (starts.empty() || rows[i] != rows[starts.back()] || i - starts.back() == QT) starts.push_back(i);
+  const int64_t G = starts.size();
+  starts.push_back(N);
+  const int64_t Dv = D / V * V;
+  at::parallel_for(0, G * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p, acc(QT * D);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t g = i / H, h = i % H, first = starts[g], n = starts[g + 1] - first;
+      const int32_t* table = tables + rows[first] * max_blocks;
+      int64_t T = 0;
+      for (int64_t j = 0; j < n; j++) T = std::max<int64_t>(T, visible[first + j]);
+      p.assign(n * T, 0.f);
+      float top[QT];
+      for (int64_t j = 0; j < n; j++) top[j] = -INFINITY;
+      for (int64_t t = 0; t < T; t++) {
+        const E* kt = kc + ((int64_t)table[t / BS] * H + h) * BS * D + (t % BS) * D;
+        for (int64_t j = 0; j < n; j++) {
+          if (t >= visible[first + j]) continue;
+          const float* qj = q + ((first + j) * H + h) * D;
+          vf s = vzero();
+          for (int64_t d = 0; d < Dv; d += V) s = vfma(vload_elem(kt + d), vload(qj + d), s);
+          float st = vsum(s);
+          for (int64_t d = Dv; d < D; d++) st += elem_to_float(kt[d]) * qj[d];
+          st *= scale;
+          p[j * T + t] = st;
+          top[j] = std::max(top[j], st);
+        }
+      }
+      float inv[QT];
+      for (int64_t j = 0; j < n; j++) {
+        float total = 0.f;
+        float* pj = p.data() + j * T;
+        for (int64_t t = 0; t < visible[first + j]; t++) total += (pj[t] = std::exp(pj[t] - top[j]));
+        inv[j] = total > 0.f ? 1.f / total : 0.f;  // a query that sees no key gives zeros
+      }
+      std::fill(acc.begin(), acc.begin() + n * D, 0.f);
+      for (int64_t t = 0; t < T; t++) {
+        const E* vt = vc + ((int64_t)table[t / BS] * H + h) * BS * D + (t % BS) * D;
+        for (int64_t j = 0; j < n; j++) {
+          if (t >= visible[first + j]) continue;
+          const vf w = vset1(p[j * T + t]);
+          float* aj = acc.data() + j * D;
+          for (int64_t d = 0; d < Dv; d += V) vstore(aj + d, vfma(vload_elem(vt + d), w, vload(aj + d)));
+          for (int64_t d = Dv; d < D; d++) aj[d] += p[j * T + t] * elem_to_float(vt[d]);
+        }
+      }
+      for (int64_t j = 0; j < n; j++) {
+        float* oj = out + ((first + j) * H + h) * D;
+        for (int64_t d = 0; d < D; d++) oj[d] = acc[j * D + d] * inv[j];
+      }
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_tables, const at::Tensor& rows, const at::Tensor& visible,
+                           double scale) {
+  TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
+              "q [N, heads, head_dim] and caches [blocks, heads, block_size, head_dim] expected");
+  TORCH_CHECK(key_cache.scalar_type() == q.scalar_type() && value_cache.scalar_type() == q.scalar_type() &&
+              (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16), "fp32 or bf16 q and caches");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "contiguous caches expected");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && rows.scalar_type() == at::kInt &&
+              visible.scalar_type() == at::kInt, "int32 block tables, rows and visible counts expected");
+  const int64_t N = q.size(0), H = q.size(1), D = q.size(2), BS = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(1) == H && key_cache.size(3) == D, "the caches' heads and head_dim differ from q's");
+  TORCH_CHECK(rows.numel() == N && visible.numel() == N, "one row and one visible count per query");
+  auto tables = block_tables.contiguous();
+  auto r = rows.contiguous(), vis = visible.contiguous();
+  const int64_t max_blocks = tables.size(1);
+  const int32_t* rp = r.data_ptr<int32_t>();
+  const int32_t* vp = vis.data_ptr<int32_t>();
+  for (int64_t i = 0; i < N; i++)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < tables.size(0) && vp[i] >= 0 && vp[i] <= max_blocks * BS,
+                "query ", i, ": row or visible count out of range");
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  for (int64_t i = 0; i < tables.numel(); i++)
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < key_cache.size(0), "block table entry ", tp[i], " out of range");
+  auto qf = q.to(at::kFloat).contiguous();
+  auto out = at::empty({N, H, D}, qf.options());
+  if (N > 0) {
+    if (q.scalar_type() == at::kFloat)
+      paged_attention_impl<float>(qf.data_ptr<float>(), key_cache.data_ptr<float>(), value_cache.data_ptr<float>(),
+                                  tables.data_ptr<int32_t>(), max_blocks, rp, vp, N, H, BS, D, (float)scale,
+                                  out.data_ptr<float>());
+    else
+      paged_attention_impl<uint16_t>(qf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(key_cache.data_ptr()),
+                                     reinterpret_cast<const uint16_t*>(value_cache.data_ptr()),
+                                     tables.data_ptr<int32_t>(), max_blocks, rp, vp, N, H, BS, D, (float)scale,
+                                     out.data_ptr<float>());
+  }
+  return out.to(q.scalar_type());
+}
+
 // bf16_linear(x [*, K] float, weight bf16 [N, K], bias [N]?) -> [*, N] in x's dtype
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2, "weight must be 2-D bf16");
@@ -705,6 +825,8 @@ TORCH_LIBRARY(chatglm_quant, m) {
   m.def("linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits, int integer) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor rows, "
+        "Tensor visible, float scale) -> Tensor");
   m.def("has_integer_path() -> bool", &has_integer_path);
   m.def("activation_block() -> int", &activation_block);
   m.def("simd() -> str", &simd);
@@ -716,5 +838,6 @@ TORCH_LIBRARY_IMPL(chatglm_quant, CPU, m) {
   m.impl("dequantize", &dequantize);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("decode_attention", &decode_attention);
+  m.impl("paged_attention", &paged_attention);
 }
 """

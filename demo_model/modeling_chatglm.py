@@ -106,16 +106,18 @@ def encode_chat(tokenizer, query: str, history: Optional[List[Tuple[str, str]]] 
     return tokenizer(build_prompt(query, history), return_attention_mask=False, split_special_tokens=True)["input_ids"]
 
 
-_PUNCTUATION = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")]
+# ASCII marks that process_response makes full-width next to a Chinese character (CHINESE_CHARACTERS, a regex class).
+CHINESE_PUNCTUATION = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
+CHINESE_CHARACTERS = "[\u4e00-\u9fff]"
 
 
 def process_response(response: str) -> str:
     """The original's post-processing: strip, fill the training-time placeholder, and use Chinese
     punctuation next to Chinese characters (the tokenizer's NFKC normaliser turns it into ASCII)."""
     response = response.strip().replace(TRAINING_TIME_PLACEHOLDER, TRAINING_TIME)
-    for ascii_mark, chinese_mark in _PUNCTUATION:
-        response = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % chinese_mark, response)
-        response = re.sub(r"%s([\u4e00-\u9fff])" % ascii_mark, r"%s\1" % chinese_mark, response)
+    for ascii_mark, chinese_mark in CHINESE_PUNCTUATION.items():
+        response = re.sub(f"({CHINESE_CHARACTERS}){re.escape(ascii_mark)}", rf"\1{chinese_mark}", response)
+        response = re.sub(f"{re.escape(ascii_mark)}({CHINESE_CHARACTERS})", rf"{chinese_mark}\1", response)
     return response
 
 
@@ -223,10 +225,10 @@ class SelfAttention(nn.Module):
         self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
-                cache: Optional[Cache] = None, output_attentions: bool = False):
-        # hidden_states [B, L, H]; position_ids [B, 2, L] (or [B, L] for the 1-D variant)
-        # attention_bias [B or 1, 1, L, prefix + past + L] additive, or None
+    def project(self, hidden_states: torch.Tensor, position_ids: torch.LongTensor):
+        """The layer's queries, keys and values, rotated by their positions: hidden_states [B, L, H], position_ids
+        [B, 2, L] (or [B, L] for the 1-D variant) -> q, k, v [B, L, nh, hd]. Each token's are its own (the serving
+        engine runs tokens of different sequences through it as one batch row)."""
         B, L, _ = hidden_states.shape
         # The fused projection is laid out per head as [q_h, k_h, v_h].
         qkv = self.query_key_value(hidden_states).view(B, L, self.num_heads, 3 * self.head_dim)
@@ -242,6 +244,14 @@ class SelfAttention(nn.Module):
         else:
             cos, sin = self.rotary_emb(position_ids)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
+    def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
+                cache: Optional[Cache] = None, output_attentions: bool = False):
+        # hidden_states [B, L, H]; position_ids [B, 2, L] (or [B, L] for the 1-D variant)
+        # attention_bias [B or 1, 1, L, prefix + past + L] additive, or None
+        B, L, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, position_ids)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nh, L, hd]
         if prefix_key is not None:
             k, v = torch.cat([prefix_key, k], dim=2), torch.cat([prefix_value, v], dim=2)
@@ -298,9 +308,13 @@ class GLMBlock(GradientCheckpointingLayer):
         attention_input = self.input_layernorm(hidden_states)
         attention_output, probs = self.attention(attention_input, position_ids, attention_bias, prefix_key,
                                                  prefix_value, cache=cache, output_attentions=output_attentions)
+        return self.feed_forward(attention_input, attention_output), probs
+
+    def feed_forward(self, attention_input: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        """The layer after its attention, token by token: residual, LayerNorm, MLP, residual ([..., H] each)."""
         hidden_states = attention_input * self.alpha + attention_output
         mlp_input = self.post_attention_layernorm(hidden_states)
-        return mlp_input * self.alpha + self.mlp(mlp_input), probs
+        return mlp_input * self.alpha + self.mlp(mlp_input)
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):

@@ -1,11 +1,18 @@
 """What runs the model for the front-ends, outside the remote code that ships with checkpoints:
 
-    devices.py     which device and dtype, and how layers are placed over several GPUs
-    loading.py     checkpoint path or hub id -> (model, tokenizer): formats, quantize-while-loading, saving
-    finetunes.py   what ptuning/ trains (P-Tuning prefixes, LoRA adapters, full fine-tunes), applied on load
-    options.py     the model options and sampling defaults the three front-ends share
-    generation.py  the generation engine's home: what turns a stream of tokens into text for a user
-    server.py      HTTP serving: OpenAI's error shape, guards before a body is read, graceful shutdown
+    devices.py      which device and dtype, and how layers are placed over several GPUs
+    loading.py      checkpoint path or hub id -> (model, tokenizer): formats, quantize-while-loading, saving
+    finetunes.py    what ptuning/ trains (P-Tuning prefixes, LoRA adapters, full fine-tunes), applied on load
+    options.py      the model, sampling and serving options the three front-ends share
+    engine.py       the serving engine's public face (GenerationEngine, Reply), behind api.py and web_demo.py;
+      scheduler.py  its scheduler: step budget, admission, preemption, layer-major prefill slices
+      kv_cache.py   its paged KV cache, allocated once from a memory budget, and the attention that reads it
+      runner.py     its runner: one step through the model's layers
+      sampling.py   the next token as chat() picks it
+    generation.py   token ids -> the text a user sees, incrementally (decoding, post-processing, stop strings)
+    metrics.py      what a serving process reports at GET /metrics
+    server.py       HTTP serving: OpenAI's error shape, guards before a body is read, graceful shutdown
+    ray_serving.py  replicas of api.py's app on Ray Serve
 
 Data flows one way: front-end script -> options -> loading -> chatglm_6b -> transformers/torch.
 """

@@ -1,34 +1,42 @@
-"""The batching generation engine behind api.py and web_demo.py: one thread owns the model and decodes every
-running request in one forward pass per step (iteration-level batching).
+"""The generation engine behind api.py and web_demo.py: one thread owns the model and advances every running
+request in one step at a time (iteration-level batching), its work planned by the scheduler (runtime/scheduler.py),
+its keys and values kept in a paged cache (runtime/kv_cache.py) and its layers run by the runner (runtime/runner.py).
+This module is their small public face.
 
     engine = GenerationEngine(model, tokenizer, max_batch_size=8, max_queue=64).start()
-    reply = engine.submit(encode_chat(tokenizer, query, history), max_length=2048, do_sample=False)
-    for token in reply: ...            # or `async for` with submit(..., loop=asyncio.get_running_loop())
-    reply.cancel()                     # the row leaves the batch at the next step
+    reply = engine.submit(encode_chat(tokenizer, query, history), max_length=2048, do_sample=False, stops=["\\n\\n"])
+    for delta in reply: print(delta.text, end="")     # or `async for` with submit(..., loop=...)
+    reply.cancel()                                       # the request leaves at the next step
 
-A step boundary admits the queued requests (prefilled together, left-padded), merges them into the running
-batch and drops the rows that ended (end token, max_length, cancelled). Rows are aligned on the right in one
-preallocated KV cache; a shorter row has blocked padding on its left, so GLM's per-row 2-D positions and
-bidirectional prompt masks are exactly those of running the row alone. Each row samples with its own
-settings and its own torch.Generator, the way chat() samples (temperature, transformers' default top-k of
-50, then top-p).
+Each reply is what chat() alone gives for its request, whatever else runs beside it: GLM's positions and
+bidirectional prompt attention per sequence, exact layer-major chunked prefill, and sampling with chat()'s settings
+from the request's own generator. Its text is produced as it grows (runtime/generation.py): process_response's
+text, cut before the first stop string. Failures stay with their requests: a failing prefill fails the requests
+it was prefilling, a failing decode step only the rows that fail again alone.
 """
 import asyncio
 import collections
 import logging
 import threading
-from typing import AsyncIterator, Iterator, List, Optional, Sequence
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator, List, Optional, Sequence as Seq
 
 import torch
 
-from chatglm_6b.modeling_chatglm import INVALID_SCORE_LOGIT, INVALID_SCORE_TOKEN_ID
+from chatglm_6b.quantization import prepare_cpu_kernel
+from chatglm_6b.tokenization_chatglm import glm_context_length
+
+from .generation import TextStream
+from .kv_cache import PagedKVCache, default_budget
+from .runner import ModelRunner
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler, Sequence, Step, StepBudget
 
 logger = logging.getLogger("engine")
 
 # Rows decoded together, and requests waiting beyond them, unless the server is told otherwise.
 DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE = 8, 64
-# generate()'s default top-k when sampling (transformers' GenerationConfig default, which chat() gets).
-SAMPLING_TOP_K = 50
 
 
 class QueueFull(Exception):
@@ -39,127 +47,48 @@ class EngineClosed(Exception):
     """The engine is shutting down (or has stopped) and takes no new requests."""
 
 
-class BatchCache:
-    """The running batch's KV cache, duck-typing transformers' Cache for ChatGLMModel (get_seq_length, update):
-    per layer [B, heads, capacity, head_dim] buffers written in place, so a step writes one column (a
-    DynamicCache concatenates, copying the whole cache every token). `blocked` [B, capacity] marks the keys a
-    row must not see (its left padding); `lead` counts each row's leading blocked columns (host side), so that
-    rows leaving let the common padding be trimmed."""
-
-    def __init__(self, num_layers: int, rows: int, capacity: int, device):
-        self.keys: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.values: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.blocked = torch.ones(rows, capacity, dtype=torch.bool, device=device)
-        self.lead = [0] * rows
-        self.length = 0
-
-    @property
-    def rows(self) -> int:
-        return self.blocked.shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.blocked.shape[1]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
-        # key, value [B, heads, L, head_dim] -> all keys and values so far [B, heads, length + L, head_dim]
-        end = self.length + key.shape[2]
-        if self.keys[layer_idx] is None:
-            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
-            self.keys[layer_idx] = key.new_zeros(shape)
-            self.values[layer_idx] = value.new_zeros(shape)
-        self.keys[layer_idx][:, :, self.length:end] = key
-        self.values[layer_idx][:, :, self.length:end] = value
-        keys, values = self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-        if layer_idx == len(self.keys) - 1:
-            self.length = end
-        return keys, values
-
-    def attention_mask(self, new: int) -> torch.Tensor:
-        """The GLM mask (True = blocked) [B, 1, 1, length + new] for `new` tokens that see every key but padding."""
-        self.reserve(self.length + new)
-        self.blocked[:, self.length:self.length + new] = False
-        return self.blocked[:, None, None, :self.length + new]
-
-    def reserve(self, length: int) -> None:
-        if length > self.capacity:
-            self._rebuild(range(self.rows), 0, max(length, 2 * self.capacity))
-
-    def _rebuild(self, rows: Sequence[int], trim: int, capacity: int) -> None:
-        """Keep `rows`, drop the first `trim` columns, reallocate to `capacity` columns."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.blocked.device)
-        kept = self.length - trim
-
-        def rebuilt(tensor, dim, fill):
-            return relaid([(tensor.index_select(0, index), trim, kept, 0)], dim, capacity, fill)
-
-        self.blocked = rebuilt(self.blocked, 1, True)
-        for i, (keys, values) in enumerate(zip(self.keys, self.values)):
-            if keys is not None:
-                self.keys[i], self.values[i] = rebuilt(keys, 2, 0), rebuilt(values, 2, 0)
-        self.lead, self.length = [self.lead[r] - trim for r in rows], kept
-
-    def keep(self, rows: Sequence[int]) -> None:
-        """Only these rows stay (in this order); padding that no remaining row needs is dropped."""
-        trim = min(self.lead[r] for r in rows)
-        self._rebuild(rows, trim, self.capacity - trim)
-
-    def extend(self, other: "BatchCache") -> None:
-        """Appends other's rows (both caches filled by a forward pass); the shorter is padded on the left."""
-        length = max(self.length, other.length)
-        capacity = max(self.capacity - self.length, other.capacity - other.length) + length
-
-        def joined(mine, theirs, dim, fill):
-            return relaid([(mine, 0, self.length, length - self.length),
-                           (theirs, 0, other.length, length - other.length)], dim, capacity, fill)
-
-        self.blocked = joined(self.blocked, other.blocked, 1, True)
-        for i in range(len(self.keys)):
-            self.keys[i] = joined(self.keys[i], other.keys[i], 2, 0)
-            self.values[i] = joined(self.values[i], other.values[i], 2, 0)
-        self.lead = [lead + length - self.length for lead in self.lead] + \
-            [lead + length - other.length for lead in other.lead]
-        self.length = length
+class DoesNotFit(ValueError):
+    """A prompt that leaves no room for a reply within its max_length, or that the KV cache can never hold."""
 
 
-def relaid(parts, dim: int, capacity: int, fill) -> torch.Tensor:
-    """One new tensor, `capacity` long along `dim`, of the parts (tensor, start, count, offset) stacked along dim 0:
-    each part's [start, start + count) along `dim` lands at [offset, offset + count); the rest is `fill`."""
-    shape = list(parts[0][0].shape)
-    shape[0], shape[dim] = sum(tensor.shape[0] for tensor, *_ in parts), capacity
-    out = parts[0][0].new_full(shape, fill)
-    row = 0
-    for tensor, start, count, offset in parts:
-        out.narrow(0, row, tensor.shape[0]).narrow(dim, offset, count).copy_(tensor.narrow(dim, start, count))
-        row += tensor.shape[0]
-    return out
+@dataclass
+class Delta:
+    """What one generated token adds to a reply: the token and the text it makes visible (often ""). The text that
+    is still pending when a reply ends comes last, with no token."""
+    token: Optional[int]
+    text: str
 
 
 class Reply:
     """One request: its generated token ids as the engine produces them (the end token included, as generate()
-    returns it), iterated in a thread or, when submitted with an event loop, with `async for`. After the
-    iteration: finish_reason ("stop": the end token; "length": max_length reached; "cancelled"), and the
-    engine's exception is raised by the iteration if the request failed."""
+    returns it) and the text they make, iterated as Deltas in a thread or, when submitted with an event loop, with
+    `async for`. After the iteration: text (the whole reply's text), finish_reason ("stop": the end token or a
+    stop string; "length": max_length reached; "cancelled"), and the engine's exception is raised by the iteration
+    if the request failed."""
 
     _END = object()
 
-    def __init__(self, prompt_ids: List[int], max_length: int, do_sample: bool, temperature: float, top_p: float,
-                 loop: Optional[asyncio.AbstractEventLoop], seed: Optional[int]):
-        self.prompt_ids, self.max_length = list(prompt_ids), max_length
-        self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
-        self.seed = seed
+    def __init__(self, prompt_ids: List[int], max_length: int, sampling: SamplingParams, seed: Optional[int],
+                 stream: TextStream, loop: Optional[asyncio.AbstractEventLoop]):
+        self.prompt_ids, self.max_length, self.sampling, self.seed = list(prompt_ids), max_length, sampling, seed
+        self.stream = stream
         self.tokens: List[int] = []
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
         self.cancelled = False
-        self.generator: Optional[torch.Generator] = None  # made by the engine on the model's device
         self.on_cancel = lambda reply: None  # set by the engine: frees a queue slot at once
         self.loop = loop
         self._events = asyncio.Queue() if loop is not None else collections.deque()
         self._ready = None if loop is not None else threading.Condition()
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    @property
+    def completion_tokens(self) -> int:
+        """Generated tokens, the end token not counted."""
+        return len(self.tokens) - (self.finish_reason == "stop" and not self.stream.stopped)
 
     def cancel(self) -> None:
         """Frees the row at the next step (or the queue slot at once); safe from any thread, returns at once."""
@@ -179,16 +108,20 @@ class Reply:
                 self._events.append(item)
                 self._ready.notify()
 
-    def _token(self, token: int) -> None:
+    def _token(self, token: int, text: str) -> None:
         self.tokens.append(token)
-        self._emit(token)
+        self._emit(Delta(token, text))
 
     def _finish(self, reason: Optional[str], error: Optional[BaseException] = None) -> None:
+        if reason in ("stop", "length"):
+            rest = self.stream.finish()
+            if rest:
+                self._emit(Delta(None, rest))
         self.finish_reason, self.error = reason, error
         self._emit(self._END)
 
     # ---- consumers ----
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Delta]:
         if self.loop is not None:
             raise TypeError("this reply was submitted with an event loop: use `async for`")
         try:
@@ -205,7 +138,7 @@ class Reply:
         if self.error is not None:
             raise self.error
 
-    async def __aiter__(self) -> AsyncIterator[int]:
+    async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
             while (item := await self._events.get()) is not self._END:
                 yield item
@@ -217,27 +150,37 @@ class Reply:
 
 class GenerationEngine:
     """Owns the model in one thread. submit() only queues (it never waits for the model); the thread runs up to
-    max_batch_size rows at once, and submit() refuses (QueueFull) a request beyond max_queue waiting ones."""
+    max_batch_size requests at once in a KV cache of kv_cache_bytes (default: sized to the free memory), and
+    submit() refuses (QueueFull) a request beyond max_queue waiting ones. max_step_tokens bounds a step's work
+    (see runtime/scheduler.py; default: from the measured step times)."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_queue: int = DEFAULT_MAX_QUEUE):
+                 max_queue: int = DEFAULT_MAX_QUEUE, kv_cache_bytes: Optional[int] = None,
+                 max_step_tokens: Optional[int] = None):
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be at least 1 and max_queue at least 0")
-        self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
+        if max_step_tokens is not None and max_step_tokens < 1:
+            raise ValueError("max_step_tokens must be at least 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [tokenizer.eos_token_id if eos is None else eos])
-        self.pad_id = tokenizer.pad_token_id
-        self.context = model.config.max_sequence_length
-        self.prefix_length = model.config.pre_seq_len or 0
-        self.lock = threading.Condition()  # guards waiting, accepted and closing; wakes the engine thread
-        self.waiting: collections.deque = collections.deque()  # submitted, not yet prefilled
+        config = model.config
+        self.context, self.prefix_length = config.max_sequence_length, config.pre_seq_len or 0
+        if model.device.type == "cpu":
+            prepare_cpu_kernel()  # its paged attention: compiled now (once per machine), not inside a reply
+        dtype = PagedKVCache.dtype_for(model)
+        budget = kv_cache_bytes or default_budget(model, dtype, max_batch_size * (self.context + self.prefix_length))
+        self.cache = PagedKVCache.for_model(model, budget)
+        self.runner = ModelRunner(model, self.cache)
+        self.scheduler = Scheduler(self.cache, config.num_layers, max_batch_size,
+                                   StepBudget(config.num_layers, max_step_tokens))
+        logger.info("KV cache: %.2f GB (%d tokens in blocks of %d)%s", self.cache.bytes / 2**30, self.cache.tokens,
+                    self.cache.block_size, "" if kv_cache_bytes else ", sized to the free memory (--kv-cache-gb)")
+        self.lock = threading.Condition()  # guards incoming, accepted and closing; wakes the engine thread
+        self.incoming: collections.deque = collections.deque()  # submitted, not yet seen by the engine thread
         self.accepted = 0  # submitted and not finished: at most max_batch_size + max_queue
         self.closing = False
-        # The running batch (engine thread only): its rows, their KV cache, and per row [B, ...] the next
-        # input token, its GLM positions and what each token adds to them.
-        self.running: List[Reply] = []
-        self.cache: Optional[BatchCache] = None
-        self.next_tokens = self.positions = self.position_step = None
         self.thread: Optional[threading.Thread] = None
 
     # ---- what other threads call ----
@@ -253,46 +196,51 @@ class GenerationEngine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        return len(self.incoming) + len(self.scheduler.waiting)
 
     @property
     def batch_size(self) -> int:
-        return len(self.running)
+        return len(self.scheduler.admitted)
 
     def submit(self, prompt_ids: List[int], max_length: int, do_sample: bool = False, temperature: float = 1.0,
-               top_p: float = 1.0, loop: Optional[asyncio.AbstractEventLoop] = None,
-               seed: Optional[int] = None) -> Reply:
+               top_p: float = 1.0, loop: Optional[asyncio.AbstractEventLoop] = None, seed: Optional[int] = None,
+               stops: Seq[str] = ()) -> Reply:
         """Queues a request: prompt_ids as chat() encodes them, max_length counting prompt and reply (capped at
-        the model's context). Raises QueueFull, EngineClosed, or ValueError for a prompt that leaves no room."""
+        the model's context), stops the strings that end the reply's text. Raises QueueFull, EngineClosed, or
+        DoesNotFit for a prompt that leaves no room for a reply or that the cache can never hold."""
         max_length = min(max_length, self.context)
         if not prompt_ids or len(prompt_ids) >= max_length:
-            raise ValueError(f"the prompt is {len(prompt_ids)} tokens and leaves no room for a reply within "
+            raise DoesNotFit(f"the prompt is {len(prompt_ids)} tokens and leaves no room for a reply within "
                              f"max_length={max_length}")
-        reply = Reply(prompt_ids, max_length, do_sample, temperature, top_p, loop, seed)
+        if not self.scheduler.fits(len(prompt_ids), self.prefix_length):
+            raise DoesNotFit(f"the prompt is {len(prompt_ids)} tokens and the KV cache holds {self.cache.tokens} "
+                             "(--kv-cache-gb)")
+        reply = Reply(prompt_ids, max_length, SamplingParams(do_sample, temperature, top_p), seed,
+                      TextStream(self.tokenizer, stops), loop)
         with self.lock:
             if not self.alive:
                 raise EngineClosed("the server is shutting down: this request was not started")
             if self.accepted >= self.max_batch_size + self.max_queue:
-                raise QueueFull(f"{self.max_batch_size} requests are generating and {len(self.waiting)} waiting, "
+                raise QueueFull(f"{self.batch_size} requests are generating and {self.queue_depth} waiting, "
                                 f"the most this server queues (--max-queue {self.max_queue})")
             self.accepted += 1
             reply.on_cancel = self._cancelled
-            self.waiting.append(reply)
+            self.incoming.append(reply)
             self.lock.notify()
         return reply
 
     def close(self) -> None:
-        """No new requests, and the waiting ones end with EngineClosed; the running rows finish."""
+        """No new requests, and the ones that have not started end with EngineClosed; the running ones finish."""
         with self.lock:
             self.closing = True
-            refused = list(self.waiting)
-            self.waiting.clear()
+            refused = list(self.incoming)
+            self.incoming.clear()
             self.lock.notify()
         for reply in refused:
             self._finish(reply, None, EngineClosed("the server is shutting down: this request was not started"))
 
     def stop(self, timeout: Optional[float] = None) -> None:
-        """close(), then wait for the running rows to finish and the thread to end."""
+        """close(), then wait for the running requests to finish and the thread to end."""
         self.close()
         if self.thread is not None:
             self.thread.join(timeout)
@@ -300,9 +248,10 @@ class GenerationEngine:
     def _cancelled(self, reply: Reply) -> None:
         with self.lock:
             try:
-                self.waiting.remove(reply)
+                self.incoming.remove(reply)
             except ValueError:
-                return  # running: the engine thread drops it at the next step
+                self.lock.notify()
+                return  # the engine thread drops it at the next step
         self._finish(reply, "cancelled")
 
     def _finish(self, reply: Reply, reason: Optional[str], error: Optional[BaseException] = None) -> None:
@@ -313,30 +262,33 @@ class GenerationEngine:
 
     # ---- the engine thread ----
     def _run(self) -> None:
+        scheduler = self.scheduler
         try:
             with torch.inference_mode():
                 while True:
                     with self.lock:
-                        while not self.waiting and not self.running and not self.closing:
+                        while not self.incoming and not scheduler.waiting and not scheduler.admitted \
+                                and not self.closing:
                             self.lock.wait()
-                        if self.closing and not self.running:
+                        arrived = list(self.incoming)
+                        self.incoming.clear()
+                        closing = self.closing
+                    scheduler.waiting.extend(self._sequence(reply) for reply in arrived)
+                    if closing:  # what has not started ends now; what runs finishes
+                        for sequence in [s for s in scheduler.waiting if not s.reply.tokens]:
+                            scheduler.remove(sequence)
+                            self._finish(sequence.reply, None, EngineClosed(
+                                "the server is shutting down: this request was not started"))
+                        if not scheduler.waiting and not scheduler.admitted:
                             return
-                        admitted = [self.waiting.popleft()
-                                    for _ in range(min(self.max_batch_size - len(self.running), len(self.waiting)))]
-                    try:
-                        if admitted:
-                            self._prefill(admitted)
-                        self._retire()
-                        if self.running:
-                            self._decode()
-                            self._retire()
-                    except Exception as error:  # noqa: BLE001 (this batch fails; the engine keeps serving)
-                        failed = {id(reply): reply for reply in self.running + admitted}.values()
-                        logger.exception("a generation step failed: its %d requests end with the error", len(failed))
-                        for reply in failed:
-                            self._finish(reply, None, error)
-                        self._reset()
-                    if torch.cuda.is_available() and not self.running:  # as the original: give cached blocks back
+                    self._drop_cancelled()
+                    step = scheduler.schedule()
+                    for sequence in scheduler.out_of_room:
+                        self._end(sequence, "length")
+                    scheduler.out_of_room.clear()
+                    if step:
+                        self._step(step)
+                    if torch.cuda.is_available() and not scheduler.admitted:  # as the original: give blocks back
                         torch.cuda.empty_cache()
         except BaseException:
             logger.exception("the generation engine stopped")
@@ -344,111 +296,91 @@ class GenerationEngine:
         finally:
             with self.lock:
                 self.closing = True
-                left = list(self.waiting) + self.running
-                self.waiting.clear()
+                left = [s.reply for s in list(scheduler.waiting) + scheduler.admitted] + list(self.incoming)
+                self.incoming.clear()
             for reply in left:
                 self._finish(reply, None, EngineClosed("the generation engine stopped"))
 
-    def _reset(self) -> None:
-        self.running, self.cache = [], None
-        self.next_tokens = self.positions = self.position_step = None
+    def _sequence(self, reply: Reply) -> Sequence:
+        if reply.sampling.do_sample:
+            reply.sampling.generator = torch.Generator(device=self.model.device)
+            if reply.seed is None:
+                reply.sampling.generator.seed()
+            else:
+                reply.sampling.generator.manual_seed(reply.seed)
+        positions, step = self.model.glm_generation_positions(torch.tensor([reply.prompt_ids]))
+        return Sequence(reply=reply, tokens=list(reply.prompt_ids), prompt_length=len(reply.prompt_ids),
+                        context_length=glm_context_length(reply.prompt_ids, self.model.config.bos_token_id),
+                        prompt_positions=positions[0], position_step=step[0], prefix_length=self.prefix_length)
 
-    def _prefill(self, replies: List[Reply]) -> None:
-        """Runs the new prompts together (left-padded), samples their first tokens, and appends their rows."""
-        model, device = self.model, self.model.device
-        length = max(len(reply.prompt_ids) for reply in replies)
-        input_ids = torch.full((len(replies), length), self.pad_id, dtype=torch.long)
-        padding = torch.zeros((len(replies), length), dtype=torch.long)
-        for i, reply in enumerate(replies):
-            input_ids[i, length - len(reply.prompt_ids):] = torch.tensor(reply.prompt_ids)
-            padding[i, length - len(reply.prompt_ids):] = 1
-        input_ids, padding = input_ids.to(device), padding.to(device)
-        positions, step = model.glm_generation_positions(input_ids, padding)  # [n, 2, L], [n, 2, 1]
-        cache = BatchCache(model.config.num_layers, len(replies), self.prefix_length + length + 64, device)
-        cache.blocked[:, :self.prefix_length] = False  # the P-Tuning prefix, visible to every row
-        cache.blocked[:, self.prefix_length:self.prefix_length + length] = padding == 0
-        cache.lead = [0 if self.prefix_length else length - len(reply.prompt_ids) for reply in replies]
-        logits = model(input_ids=input_ids, attention_mask=padding, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]  # [n, vocab]
-        tokens = self._sample(logits, replies)  # [n, 1]
-        if self.cache is None:
-            self.cache, self.next_tokens = cache, tokens
-            self.positions, self.position_step = positions[..., -1:] + step, step
-        else:
-            self.cache.extend(cache)
-            self.next_tokens = torch.cat([self.next_tokens, tokens])
-            self.positions = torch.cat([self.positions, positions[..., -1:] + step])
-            self.position_step = torch.cat([self.position_step, step])
-        self.running += replies
-        self._deliver(tokens.view(-1).tolist(), replies)
+    def _drop_cancelled(self) -> None:
+        for sequence in list(self.scheduler.waiting) + self.scheduler.admitted:
+            if sequence.reply.cancelled:
+                self._end(sequence, "cancelled")
 
-    def _decode(self) -> None:
-        """One token for every running row."""
-        mask = self.cache.attention_mask(1)
-        logits = self.model(input_ids=self.next_tokens, attention_mask=mask, position_ids=self.positions,
-                            cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [B, vocab]
-        self.next_tokens = self._sample(logits, self.running)
-        self.positions = self.positions + self.position_step
-        self._deliver(self.next_tokens.view(-1).tolist(), self.running)
+    def _end(self, sequence: Sequence, reason: Optional[str], error: Optional[BaseException] = None) -> None:
+        self.scheduler.remove(sequence)
+        self._finish(sequence.reply, reason, error)
 
-    def _deliver(self, tokens: List[int], replies: List[Reply]) -> None:
-        for reply, token in zip(replies, tokens):
+    def _step(self, step: Step) -> None:
+        started = time.perf_counter()
+        try:
+            rows = step.decode + step.completing
+            tokens = sample(self.runner.run(step), [s.reply.sampling for s in rows]).tolist()
+        except Exception as error:  # noqa: BLE001 (the step's requests fail; the engine keeps serving)
+            self._isolate(step, error)
+            return
+        self.scheduler.budget.observe(time.perf_counter() - started, len(step.decode), step.units)
+        for sequence in step.decode:
+            sequence.computed += 1
+        for sequence in step.completing:
+            sequence.computed, sequence.workspace = sequence.prefill_length, None
+        self._deliver(rows, tokens)
+
+    def _isolate(self, step: Step, error: BaseException) -> None:
+        """A step failed: the prefills in it fail (their buffers are spent), and the decoding rows are run again,
+        together and then one by one; only a row that fails alone fails."""
+        prefilling = list(dict.fromkeys(segment.sequence for segment in step.segments))
+        logger.exception("a generation step failed: %d prefilling requests end with the error", len(prefilling),
+                         exc_info=error)
+        for sequence in prefilling:
+            self._end(sequence, None, error)
+        groups = [step.decode] if len(step.decode) > 1 else []
+        groups += [[sequence] for sequence in step.decode]
+        pending = list(step.decode)
+        for group in groups:
+            group = [s for s in group if s in pending]
+            if not group:
+                continue
+            try:
+                retry = Step(decode=group, segments=[], completing=[], units=0)
+                tokens = sample(self.runner.run(retry), [s.reply.sampling for s in group]).tolist()
+            except Exception as again:  # noqa: BLE001
+                if len(group) == 1:
+                    logger.exception("a request's decoding step failed alone: it ends with the error", exc_info=again)
+                    self._end(group[0], None, again)
+                    pending.remove(group[0])
+                continue
+            for sequence in group:
+                sequence.computed += 1
+                pending.remove(sequence)
+            self._deliver(group, tokens)
+
+    def _deliver(self, sequences: List[Sequence], tokens: List[int]) -> None:
+        for sequence, token in zip(sequences, tokens):
+            reply = sequence.reply
             if reply.cancelled:
                 continue
-            reply._token(token)
-            if token in self.eos_ids:
-                self._finish(reply, "stop")
-            elif len(reply.prompt_ids) + len(reply.tokens) >= reply.max_length:
-                self._finish(reply, "length")
-
-    def _retire(self) -> None:
-        """Drops the rows that ended or were cancelled from the batch."""
-        for reply in self.running:
-            if reply.cancelled:
-                self._finish(reply, "cancelled")
-        keep = [i for i, reply in enumerate(self.running) if reply.finish_reason is None and reply.error is None]
-        if len(keep) == len(self.running):
-            return
-        if not keep:
-            self._reset()
-            return
-        self.cache.keep(keep)
-        index = torch.tensor(keep, device=self.next_tokens.device)
-        self.next_tokens, self.positions = self.next_tokens[index], self.positions[index]
-        self.position_step = self.position_step[index]
-        self.running = [self.running[i] for i in keep]
-
-    def _sample(self, logits: torch.Tensor, replies: List[Reply]) -> torch.LongTensor:
-        """Next tokens [n, 1] for logits [n, vocab], each row as chat() picks it: greedy rows take the argmax;
-        sampling rows divide by their temperature, keep the 50 most likely tokens, then the fewest whose
-        probability reaches top_p, and draw with their own generator. A row with NaN/inf scores gets the
-        original's replacement (token 5)."""
-        logits = logits.float()
-        invalid = ~torch.isfinite(logits).all(dim=-1, keepdim=True)
-        replacement = torch.zeros_like(logits)
-        replacement[:, INVALID_SCORE_TOKEN_ID] = INVALID_SCORE_LOGIT
-        logits = torch.where(invalid, replacement, logits)
-        tokens = logits.argmax(dim=-1, keepdim=True)
-        sampled = [i for i, reply in enumerate(replies) if reply.do_sample]
-        if not sampled:
-            return tokens
-        device = logits.device
-        temperature = torch.tensor([replies[i].temperature for i in sampled], device=device)[:, None]
-        top_p = torch.tensor([replies[i].top_p for i in sampled], device=device)[:, None]
-        scores = logits[torch.tensor(sampled, device=device)] / temperature
-        values, candidates = scores.topk(min(SAMPLING_TOP_K, scores.shape[-1]), dim=-1)  # descending
-        # transformers' top-p: in ascending order, drop tokens while the cumulative probability is <= 1 - top_p
-        ascending = values.flip(-1)
-        removed = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
-        removed[:, -1] = False  # the most likely token always stays
-        probs = ascending.masked_fill(removed, float("-inf")).softmax(-1).flip(-1)
-        for row, i in enumerate(sampled):
-            reply = replies[i]
-            if reply.generator is None:
-                reply.generator = torch.Generator(device=device)
-                if reply.seed is None:
-                    reply.generator.seed()
-                else:
-                    reply.generator.manual_seed(reply.seed)
-            tokens[i] = candidates[row, torch.multinomial(probs[row], 1, generator=reply.generator)]
-        return tokens
+            sequence.tokens.append(token)
+            end = token in self.eos_ids
+            try:
+                text = "" if end else reply.stream.push(token)
+            except Exception as error:  # noqa: BLE001 (e.g. an id the tokenizer cannot decode: this reply fails)
+                logger.exception("a reply's text failed: it ends with the error")
+                self._end(sequence, None, error)
+                continue
+            reply._token(token, text)
+            if end or reply.stream.stopped:
+                self._end(sequence, "stop")
+            elif len(sequence.tokens) >= reply.max_length:
+                self._end(sequence, "length")

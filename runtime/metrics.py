@@ -1,5 +1,5 @@
 """What a serving process reports at GET /metrics, in Prometheus' text format (prometheus_client): requests by
-endpoint and status, prompt and completion tokens, the engine's queue depth and running batch size, and
+endpoint and status, prompt and completion tokens, the engine's queue depth, running batch size and KV cache, and
 time-to-first-token and per-token latency as clients see them. Each app has its own registry, so that several
 apps in one process (tests, Ray Serve replicas) do not share counters."""
 import time
@@ -32,6 +32,12 @@ class ServingMetrics:
     def watch(self, engine) -> "ServingMetrics":
         self.queue_depth.set_function(lambda: engine.queue_depth)
         self.batch_size.set_function(lambda: engine.batch_size)
+        cache = engine.cache
+        Gauge("chatglm_kv_cache_bytes", "memory of the KV cache (--kv-cache-gb)",
+              registry=self.registry).set(cache.bytes)
+        Gauge("chatglm_kv_cache_blocks_used", f"KV cache blocks ({cache.block_size} tokens each) in use",
+              registry=self.registry).set_function(lambda: cache.num_blocks - cache.num_free)
+        Gauge("chatglm_kv_cache_blocks", "KV cache blocks in all", registry=self.registry).set(cache.num_blocks)
         return self
 
     async def timed(self, tokens: AsyncIterator) -> AsyncIterator:

@@ -12,7 +12,7 @@ from .finetunes import load_finetuned
 from .loading import CheckpointError
 
 __all__ = ["DEFAULT_MAX_LENGTH", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "DTYPES", "add_model_args",
-           "add_sampling_args", "add_serving_args", "load_from_args", "sampling"]
+           "add_sampling_args", "add_serving_args", "engine_options", "load_from_args", "sampling"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Below this, sampling picks the top token anyway (and dividing logits by ~1e-38 overflows float32).
@@ -51,6 +51,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def positive(kind):
+    """An argparse type: a number of `kind` above zero."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above zero")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_serving_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The generation engine's limits (api.py and web_demo.py serve many users at once)."""
     group = parser.add_argument_group("serving")
@@ -58,7 +70,22 @@ def add_serving_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        help="requests generated together, one token each per step")
     group.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                        help="requests waiting for a place in the batch; beyond them a request is refused (429)")
+    group.add_argument("--kv-cache-gb", type=positive(float), default=None,
+                       help="memory for the KV cache, shared by all requests in blocks of 16 tokens (default: 80%% "
+                            "of what is free after loading the model, less 1 GB, and no more than --max-batch-size "
+                            "full contexts need)")
+    group.add_argument("--max-step-tokens", type=positive(int), default=None,
+                       help="work of one engine step, in tokens through every layer, decoding rows included: "
+                            "long prompts are prefilled in slices of this between the running replies' tokens "
+                            "(default: measured, so that a step spends about as long on prompts as on decoding)")
     return parser
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """GenerationEngine's keyword arguments from add_serving_args' options."""
+    return {"max_batch_size": args.max_batch_size, "max_queue": args.max_queue,
+            "kv_cache_bytes": None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
+            "max_step_tokens": args.max_step_tokens}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

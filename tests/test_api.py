@@ -455,14 +455,27 @@ def test_stream_chunks_carry_no_nulls_and_usage_counts_no_end_token(server):
     assert full["choices"][0]["message"]["content"] == content  # exactly the reply's tokens, <eop> not among them
 
 
-def test_stop_strings_match_the_text_as_the_model_wrote_it(server, tokenizer):
-    """process_response turns ',' next to Chinese into '，'; a stop of ',' must still match the model's ','."""
-    body = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 200}
-    raw = post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
-    if "，" not in raw:
-        pytest.skip("the reply has no comma to stop at")
-    stopped = post(server, "/v1/chat/completions", {**body, "stop": [","]}).json()["choices"][0]
-    assert stopped["finish_reason"] == "stop" and stopped["message"]["content"] == raw[:raw.index("，")]
+@needs_demo
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_match_the_text_the_user_sees(server, stream):
+    """The model writes an ASCII '!' after Chinese and the user sees '！' (process_response): a stop string is
+    looked for in what the user sees, and the text before it is shown as it would be without the stop."""
+    body = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 200, "stream": stream}
+
+    def content(stop):
+        reply = post(server, "/v1/chat/completions", {**body, "stop": stop})
+        if not stream:
+            choice = reply.json()["choices"][0]
+            return choice["message"]["content"], choice["finish_reason"]
+        chunks = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
+        return ("".join(c["choices"][0]["delta"].get("content", "") for c in chunks),
+                next(c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]))
+
+    whole, _ = content([])
+    assert whole.startswith("你好👋！我是")
+    assert content(["！"]) == ("你好👋", "stop")
+    assert content(["我是"]) == ("你好👋！", "stop")
+    assert content(["!"]) == (whole, "stop")  # the end token: no ASCII '!' is shown
 
 
 def test_sigterm_finishes_the_running_reply_and_refuses_the_queued(tmp_path):

@@ -228,6 +228,40 @@ def test_decode_attention_reads_cache_views_in_place(kernels, B, H, L, T, D):
         torch.testing.assert_close(y.float(), attention_reference(q, k, v, bias, scale), rtol=2 ** -7, atol=2e-3)
 
 
+def paged_reference(q, key_cache, value_cache, tables, rows, visible):
+    """Each query over the first visible[i] keys of its row's blocks, gathered by hand."""
+    out = []
+    for i in range(q.shape[0]):
+        blocks = tables[rows[i]].long()
+        keys = key_cache[blocks].transpose(0, 1).flatten(1, 2)[:, :visible[i]]  # [H, visible, D]
+        values = value_cache[blocks].transpose(0, 1).flatten(1, 2)[:, :visible[i]]
+        out.append(attention_reference(q[i][:, None], keys, values, None, q.shape[-1] ** -0.5)[:, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,D,block", [(4, 20, 16), (32, 128, 16), (2, 64, 5)])
+def test_paged_attention_reads_each_querys_blocks(kernels, dtype, H, D, block):
+    """Sequences scattered over shuffled blocks; a prefill chunk's queries (more than one group of 8, each seeing
+    the whole context or the tokens up to itself) beside decoding queries of other sequences."""
+    torch.manual_seed(H * D + block)
+    num_blocks, max_blocks = 40, 9
+    key_cache, value_cache = (torch.randn(num_blocks, H, block, D).to(dtype) for _ in range(2))
+    tables = torch.randperm(num_blocks)[:3 * max_blocks].view(3, max_blocks).int()
+    context, length = 11, 19  # row 0: a prompt of 19 tokens whose first 11 every token sees
+    rows = [0] * length + [1, 2, 1]
+    visible = [max(context, t + 1) for t in range(length)] + [max_blocks * block, 1, 7]
+    q = torch.randn(len(rows), H, D).to(dtype)
+    rows_t, visible_t = torch.tensor(rows, dtype=torch.int32), torch.tensor(visible, dtype=torch.int32)
+    y = kernels.paged_attention(q, key_cache, value_cache, tables, rows_t, visible_t, D ** -0.5)
+    assert y.dtype == dtype and y.shape == q.shape
+    expected = paged_reference(q, key_cache, value_cache, tables, rows, visible)
+    tolerance = {"rtol": 2 ** -7, "atol": 2e-3} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y.float(), expected, **tolerance)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.paged_attention(q, key_cache, value_cache, tables, rows_t, visible_t + max_blocks * block, 1.0)
+
+
 def test_float_linear_takes_the_kernel_only_where_it_applies(kernels, monkeypatch):
     calls = []
     monkeypatch.setattr(Q, "_cpu_kernels", type("Spy", (), {

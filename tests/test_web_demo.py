@@ -215,21 +215,23 @@ def test_two_tabs_chat_at_once(servers, browser):
 
 
 def tiny_engine(monkeypatch, slow_step=None):
-    """The real engine on the tiny checkpoint; the model's forward pass calls slow_step(n) first (n counts them)."""
+    """The real engine on the tiny checkpoint; each of its steps through the model calls slow_step(n) first (n
+    counts them)."""
     from runtime.engine import GenerationEngine
     from runtime.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(TINY)
-    forward, calls = model.forward, []
+    engine = GenerationEngine(model, tokenizer)
+    run, calls = engine.runner.run, []
 
-    def watched(*args, **kwargs):
+    def watched(step):
         calls.append(1)
         if slow_step is not None:
             slow_step(len(calls))
-        return forward(*args, **kwargs)
+        return run(step)
 
-    monkeypatch.setattr(model, "forward", watched)
-    return GenerationEngine(model, tokenizer).start(), tokenizer
+    monkeypatch.setattr(engine.runner, "run", watched)
+    return engine.start(), tokenizer
 
 
 def test_a_failed_reply_leaves_the_conversation_as_it_was(monkeypatch):
@@ -238,7 +240,7 @@ def test_a_failed_reply_leaves_the_conversation_as_it_was(monkeypatch):
     from web_demo import make_predict, to_messages
 
     def fail_second_step(n):
-        if n == 2:
+        if n >= 2:  # the second step, and the engine's retries of its row
             raise RuntimeError("out of memory in the second step")
 
     warnings = []
