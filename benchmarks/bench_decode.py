@@ -139,14 +139,19 @@ def random_prompt(model, length: int) -> torch.LongTensor:
 
 
 @torch.inference_mode()
-def measure_decode(model, prompt_length: int, decode_steps: int, rounds: int = 3) -> dict:
-    """Decode speed through the forward loop (the model alone) and through generate(), on the same prompt and
-    the same number of new tokens. The two take turns, `rounds` times, so that a change in the machine's speed
-    (another tenant's memory traffic) falls on both alike; each figure is the median step over all rounds."""
+def measure_decode(model, tokenizer, prompt_length: int, decode_steps: int, rounds: int = 3) -> dict:
+    """Decode speed through the forward loop (the model alone), through generate() and through the serving
+    engine with one request, on the same prompt and the same number of new tokens. The three take turns, `rounds`
+    times, so that a change in the machine's speed (another tenant's memory traffic) falls on all alike; each
+    figure is the median step over all rounds."""
     prompt = random_prompt(model, prompt_length)
     model(input_ids=prompt[:, :8], use_cache=True)  # warm-up (kernel load, allocator)
-    forward_steps, generate_steps = [], []
+    forward_steps, generate_steps, engine_steps = [], [], []
+    engine = GenerationEngine(model, tokenizer, max_batch_size=1).start()
     for _ in range(rounds):
+        times = [time.perf_counter() for delta in engine.submit(prompt[0].tolist(), prompt_length + decode_steps + 1)
+                 if delta.token is not None]
+        engine_steps += step_times(times)
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         cache = getattr(out, CACHE_FIELD)
         position_ids, step = model.glm_generation_positions(prompt)
@@ -163,7 +168,9 @@ def measure_decode(model, prompt_length: int, decode_steps: int, rounds: int = 3
         model.generate(prompt, do_sample=False, max_new_tokens=decode_steps + 1, min_new_tokens=decode_steps + 1,
                        streamer=streamer)
         generate_steps += step_times(streamer.times[1:])
-    return {"forward_ms": median(forward_steps) * 1000, "generate_ms": median(generate_steps) * 1000}
+    engine.stop()
+    return {"forward_ms": median(forward_steps) * 1000, "generate_ms": median(generate_steps) * 1000,
+            "engine_ms": median(engine_steps) * 1000}
 
 
 @torch.inference_mode()
@@ -184,20 +191,23 @@ def measure_first_token(model, lengths, rounds: int = 2) -> dict:
 
 def measure_engine(model, tokenizer, rows_list, prompt_length: int, decode_steps: int, lengths) -> dict:
     """Through the serving engine (api.py, web_demo.py): ms per step with `rows` requests decoding together (they
-    are submitted at once, and the median gap between the first reply's tokens is one step of all of them), and
-    the time to the first token of a prompt alone, per length (its prefill in the engine's slices)."""
+    are submitted at once; once every one of them is decoding, the median gap between the first reply's tokens over
+    decode_steps steps is one step of all of them), and the time to the first token of a prompt alone, per length
+    (its prefill in the engine's slices)."""
     engine = GenerationEngine(model, tokenizer, max_batch_size=max(rows_list, default=1)).start()
     try:
         steps, ttft = {}, {}
         for rows in rows_list:
             prompt = random_prompt(model, prompt_length)[0].tolist()
-            replies = [engine.submit(prompt, max_length=prompt_length + decode_steps + 2) for _ in range(rows)]
+            replies = [engine.submit(prompt, max_length=model.config.max_sequence_length) for _ in range(rows)]
             times = []
             for delta in replies[0]:
-                if delta.token is not None:
+                if delta.token is not None and all(reply.tokens for reply in replies):
                     times.append(time.perf_counter())
-            for reply in replies[1:]:
-                list(reply)
+                    if len(times) > decode_steps + 1:
+                        break
+            for reply in replies:
+                reply.cancel()
             steps[str(rows)] = median(step_times(times)) * 1000
         for length in lengths:
             reply = engine.submit(random_prompt(model, length)[0].tolist(), max_length=length + 2)
@@ -226,7 +236,7 @@ def run_one(args) -> dict:
     lengths = [int(n) for n in args.prompt_lengths.split(",") if n]
     rows = [int(n) for n in args.batch_rows.split(",") if n]
     return {"dtype": args.one, "weight_bytes": weight_bytes(model), "peak_rss": peak_rss(),
-            **measure_decode(model, args.prompt_length, args.decode_steps),
+            **measure_decode(model, tokenizer, args.prompt_length, args.decode_steps),
             "ttft_s": measure_first_token(model, lengths),
             **measure_engine(model, tokenizer, rows, args.prompt_length, args.decode_steps, lengths)}
 
@@ -268,14 +278,17 @@ def main():
     print(machine_summary())
     baseline = next((r for r in rows if r["dtype"] in ("fp32", "bf16")), None)
     print(f"\ndecode ms/token, prompt {args.prompt_length} tokens, {args.decode_steps} steps: median step of "
-          f"generate() and of a bare forward loop; roofline = weight bytes read per token / bandwidth")
-    print(f"{'dtype':<8} {'weights GB':>10} {'peak RSS GB':>11} {'generate':>9} {'forward':>8} {'gen/fwd':>7} "
-          f"{'roofline ms':>11} {'x roofline':>10} {'speed vs ' + (baseline['dtype'] if baseline else '-'):>13}")
+          f"generate(), of the serving engine with one request and of a bare forward loop, taking turns; "
+          f"roofline = weight bytes read per token / bandwidth")
+    print(f"{'dtype':<8} {'weights GB':>10} {'peak RSS GB':>11} {'generate':>9} {'engine':>8} {'forward':>8} "
+          f"{'gen/fwd':>7} {'eng/fwd':>7} {'roofline ms':>11} {'x roofline':>10} "
+          f"{'speed vs ' + (baseline['dtype'] if baseline else '-'):>13}")
     for r in rows:
         roofline = r["weight_bytes"] / (bandwidth * 1e9) * 1000
         speed = f"{baseline['generate_ms'] / r['generate_ms']:.2f}x" if baseline else "-"
         print(f"{r['dtype']:<8} {r['weight_bytes'] / 1e9:>10.3f} {r['peak_rss'] / 1e9:>11.2f} "
-              f"{r['generate_ms']:>9.2f} {r['forward_ms']:>8.2f} {r['generate_ms'] / r['forward_ms']:>7.3f} "
+              f"{r['generate_ms']:>9.2f} {r['engine_ms']:>8.2f} {r['forward_ms']:>8.2f} "
+              f"{r['generate_ms'] / r['forward_ms']:>7.3f} {r['engine_ms'] / r['forward_ms']:>7.3f} "
               f"{roofline:>11.2f} {r['generate_ms'] / roofline:>10.2f} {speed:>13}")
     lengths = args.prompt_lengths.split(",") if args.prompt_lengths else []
     for key, where in (("ttft_s", "generate()"), ("engine_ttft_s", "the serving engine (sliced prefill)")):
@@ -287,14 +300,12 @@ def main():
                                                      for n in lengths))
     batch = args.batch_rows.split(",") if args.batch_rows else []
     if batch:
-        print(f"\nengine step with N rows decoding together, ms (x one row's step; 1 row x the bare forward loop), "
-              f"prompt {args.prompt_length} tokens")
-        print(f"{'dtype':<8} {'1 row / forward':>15} " + " ".join(f"{n + ' rows':>16}" for n in batch))
+        print(f"\nengine step with N rows decoding together, ms (x one row's step), prompt {args.prompt_length} tokens")
+        print(f"{'dtype':<8} " + " ".join(f"{n + ' rows':>16}" for n in batch))
         for r in rows:
             one = r["step_ms"][batch[0]]
-            overhead = f"{r['step_ms']['1'] / r['forward_ms']:.3f}x" if "1" in r["step_ms"] else "-"
-            print(f"{r['dtype']:<8} {overhead:>15} " + " ".join(f"{r['step_ms'][n]:>8.1f} ({r['step_ms'][n] / one:.2f}x)"
-                                                                for n in batch))
+            print(f"{r['dtype']:<8} " + " ".join(f"{r['step_ms'][n]:>8.1f} ({r['step_ms'][n] / one:.2f}x)"
+                                                 for n in batch))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,16 @@ or leaves by its block table without any copy.
 
     cache = PagedKVCache.for_model(model, budget_bytes)
     blocks = cache.allocate(cache.blocks_for(tokens))        # a sequence's blocks, in token order
-    cache.write(layer, slots, k, v)                          # slot = block * block_size + offset
-    context = cache.attend(layer, q, tables, rows, visible)  # each query sees the first visible[i] keys of its row
+    cache.write(layer, cache.places(blocks, start, end), k, v)  # tokens [start, end) of that sequence
+    context = cache.attend(layer, q, tables, SeenKeys(rows, visible))  # query i: the first visible[i] keys of its row
 
 Layout, per layer (on the layer's device): keys and values [num_blocks, heads, block_size, head_dim], so that one
 head's keys of a block are contiguous for the attention kernel.
 """
 import math
 import os
-from typing import List
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,23 @@ def default_budget(model, dtype: torch.dtype, most_tokens: int) -> int:
     free = FREE_MEMORY_SHARE * available_memory(model.device) - HEADROOM_BYTES
     one_context = per_token * (model.config.max_sequence_length + (model.config.pre_seq_len or 0))
     return int(max(min(free, per_token * most_tokens), one_context))
+
+
+@dataclass
+class SeenKeys:
+    """Which keys each query of a step attends to: the first visible[i] of the sequence in block-table row rows[i]."""
+    rows: List[int]
+    visible: List[int]
+    _tensors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """rows and visible as int32 tensors (made once: a step's decoding rows attend in every layer)."""
+        if self._tensors is None:
+            self._tensors = (torch.tensor(self.rows, dtype=torch.int32), torch.tensor(self.visible, dtype=torch.int32))
+        return self._tensors
+
+    def __add__(self, other: "SeenKeys") -> "SeenKeys":
+        return SeenKeys(self.rows + other.rows, self.visible + other.visible)
 
 
 class PagedKVCache:
@@ -116,29 +134,32 @@ class PagedKVCache:
     def release(self, blocks: List[int]) -> None:
         self.free_blocks.extend(reversed(blocks))
 
-    def slots(self, blocks: List[int], start: int, end: int) -> List[int]:
-        """The cache slots of a sequence's tokens [start, end) (its blocks in token order)."""
-        size = self.block_size
-        return [blocks[t // size] * size + t % size for t in range(start, end)]
+    def places(self, blocks: List[int], start: int, end: int) -> torch.Tensor:
+        """Where tokens [start, end) of a sequence with these blocks go: [tokens, heads], rows of a layer's keys or
+        values seen as [num_blocks * heads * block_size, head_dim]."""
+        tokens = torch.arange(start, end)
+        size, heads = self.block_size, self.keys[0].shape[1]
+        first = torch.tensor(blocks, dtype=torch.long)[tokens // size] * heads * size + tokens % size  # head 0
+        return first[:, None] + torch.arange(heads) * size
 
-    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Stores keys, values [n, heads, head_dim] of n tokens at their slots [n] (int64)."""
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        self.keys[layer].transpose(1, 2)[blocks, offsets] = keys.to(self.dtype)
-        self.values[layer].transpose(1, 2)[blocks, offsets] = values.to(self.dtype)
+    def write(self, layer: int, places: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Stores keys, values [n, heads, head_dim] of n tokens at their places [n, heads] (from places())."""
+        index, head_dim = places.reshape(-1), keys.shape[-1]
+        self.keys[layer].view(-1, head_dim).index_copy_(0, index, keys.reshape(-1, head_dim).to(self.dtype))
+        self.values[layer].view(-1, head_dim).index_copy_(0, index, values.reshape(-1, head_dim).to(self.dtype))
 
-    def attend(self, layer: int, queries: torch.Tensor, block_tables: torch.Tensor, rows: List[int],
-               visible: List[int]) -> torch.Tensor:
-        """softmax(q k^T / sqrt(head_dim)) v for queries [n, heads, head_dim], query i over the first visible[i] keys
-        of the sequence whose blocks are block_tables[rows[i]] (block_tables [S, max_blocks] int32) -> [n, heads,
-        head_dim]. A run of many queries of one sequence (a prompt slice) is a matrix product: its sequence's keys
-        are gathered once for torch's SDPA. Decoding's few queries per sequence go to the CPU kernel, which reads
-        the blocks in place (elsewhere they are gathered too)."""
+    def attend(self, layer: int, queries: torch.Tensor, block_tables: torch.Tensor, seen: "SeenKeys") -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim)) v for queries [n, heads, head_dim], query i over the first seen.visible[i]
+        keys of the sequence whose blocks are block_tables[seen.rows[i]] (block_tables [S, max_blocks] int32) ->
+        [n, heads, head_dim]. A run of many queries of one sequence (a prompt slice) is a matrix product: its
+        sequence's keys are gathered once for torch's SDPA. Decoding's few queries per sequence go to the CPU kernel,
+        which reads the blocks in place (elsewhere they are gathered too)."""
         kernels = loaded_cpu_kernels()
         if not (kernels is not None and queries.device.type == "cpu" and self.dtype == queries.dtype
                 and queries.dtype in (torch.float32, torch.bfloat16)):
             kernels = None
-        out, by_kernel, start = torch.empty_like(queries), [], 0
+        rows, visible = seen.rows, seen.visible
+        out, by_kernel, start = None, [], 0
         while start < len(rows):
             end = start + 1
             while end < len(rows) and rows[end] == rows[start]:
@@ -146,19 +167,19 @@ class PagedKVCache:
             if kernels is not None and end - start < GATHER_FROM_QUERIES:
                 by_kernel += range(start, end)
             else:
+                out = torch.empty_like(queries) if out is None else out
                 out[start:end] = self._gathered_attention(layer, queries[start:end], block_tables[rows[start]],
                                                           visible[start:end])
             start = end
+        if len(by_kernel) == len(rows):
+            return kernels.paged_attention(queries, self.keys[layer], self.values[layer], block_tables,
+                                           *seen.tensors(), self.scale)
         if by_kernel:
-            whole = len(by_kernel) == len(rows)
-            index = None if whole else torch.tensor(by_kernel, device=queries.device)
-            context = kernels.paged_attention(
-                queries if whole else queries[index], self.keys[layer], self.values[layer], block_tables,
-                torch.tensor(rows if whole else [rows[i] for i in by_kernel], dtype=torch.int32),
-                torch.tensor(visible if whole else [visible[i] for i in by_kernel], dtype=torch.int32), self.scale)
-            if whole:
-                return context
-            out[index] = context
+            index = torch.tensor(by_kernel, device=queries.device)
+            out[index] = kernels.paged_attention(
+                queries[index], self.keys[layer], self.values[layer], block_tables,
+                torch.tensor([rows[i] for i in by_kernel], dtype=torch.int32),
+                torch.tensor([visible[i] for i in by_kernel], dtype=torch.int32), self.scale)
         return out
 
     def _gathered_attention(self, layer: int, queries: torch.Tensor, table: torch.Tensor, visible: List[int]):

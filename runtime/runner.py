@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import torch
 
-from .kv_cache import PagedKVCache
+from .kv_cache import PagedKVCache, SeenKeys
 from .scheduler import Phase, Segment, Sequence, Step
 
 
@@ -26,7 +26,7 @@ class PrefillBuffers:
     attention_input: torch.Tensor  # [n, H]: that layer's input LayerNorm
     queries: torch.Tensor  # [n, heads, head_dim]
     positions: torch.Tensor  # [2, n] or [n]
-    slots: torch.Tensor  # [n] cache slots
+    places: torch.Tensor  # [n, heads]: where their keys and values go in the cache
 
 
 @dataclass
@@ -34,9 +34,8 @@ class DecodeRows:
     """The decoding rows of a step as they go through the layers."""
     hidden: torch.Tensor  # [n, H]
     positions: torch.Tensor  # [2, n] or [n]
-    slots: torch.Tensor  # [n]
-    table_rows: List[int]
-    visible: List[int]
+    places: torch.Tensor  # [n, heads]
+    seen: SeenKeys
 
 
 def joined(parts: List[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -92,12 +91,12 @@ class ModelRunner:
 
     def _decode_rows(self, sequences: List[Sequence], table_row: dict) -> DecodeRows:
         tokens = torch.tensor([s.tokens[s.computed] for s in sequences], device=self.device)
-        slots = [self.cache.slots(s.blocks, s.prefix_length + s.computed, s.prefix_length + s.computed + 1)[0]
-                 for s in sequences]
+        places = [self.cache.places(s.blocks, s.prefix_length + s.computed, s.prefix_length + s.computed + 1)
+                  for s in sequences]
         return DecodeRows(hidden=self.transformer.word_embeddings(tokens),
                           positions=joined([s.positions(s.computed, s.computed + 1) for s in sequences], dim=-1),
-                          slots=torch.tensor(slots), table_rows=[table_row[id(s)] for s in sequences],
-                          visible=[s.visible(s.computed) for s in sequences])
+                          places=joined(places),
+                          seen=SeenKeys([table_row[id(s)] for s in sequences], [s.visible(s.computed) for s in sequences]))
 
     def _project(self, index, layer, device, decode: Optional[DecodeRows], segments: List[Segment]):
         """LayerNorm, QKV and rotary positions of the decoding rows and the PROJECT tokens; their keys and values go
@@ -108,12 +107,12 @@ class ModelRunner:
         first = [decode] if decode is not None else []
         rows = [d.hidden for d in first] + [g.sequence.workspace.hidden[g.start:g.end].to(device) for g in segments]
         positions = [d.positions for d in first] + [g.sequence.workspace.positions[..., g.start:g.end] for g in segments]
-        slots = [d.slots for d in first] + [g.sequence.workspace.slots[g.start:g.end] for g in segments]
+        places = [d.places for d in first] + [g.sequence.workspace.places[g.start:g.end] for g in segments]
         attention_input = layer.input_layernorm(joined(rows))
         q, k, v = layer.attention.project(attention_input[None], joined(positions, dim=-1).to(device)[None])
         q, k, v = q[0], k[0], v[0]  # [rows, nh, hd]
-        self.cache.write(index, joined(slots).to(device), k, v)
-        n = offset = len(decode.visible) if decode is not None else 0
+        self.cache.write(index, joined(places).to(device), k, v)
+        n = offset = len(decode.seen.rows) if decode is not None else 0
         for g in segments:
             end = offset + g.end - g.start
             g.sequence.workspace.attention_input[g.start:g.end] = attention_input[offset:end]
@@ -126,17 +125,17 @@ class ModelRunner:
         """Attention over the cache, dense, residual and MLP of the decoding rows (their hidden state moves to the
         next layer) and the FINISH tokens (into their buffers)."""
         first = [decode] if decode is not None else []
-        rows = [d.table_rows for d in first] + [[table_row[id(g.sequence)]] * (g.end - g.start) for g in segments]
-        visible = [d.visible for d in first] + [[g.sequence.visible(t) for t in range(g.start, g.end)]
-                                                for g in segments]
+        seen = [d.seen for d in first] + [SeenKeys([table_row[id(g.sequence)]] * (g.end - g.start),
+                                                   [g.sequence.visible(t) for t in range(g.start, g.end)])
+                                          for g in segments]
         context = self.cache.attend(
             index, joined([queries] * bool(first) + [g.sequence.workspace.queries[g.start:g.end].to(device)
                                                       for g in segments]),
-            tables, [row for part in rows for row in part], [count for part in visible for count in part])
+            tables, seen[0] if len(seen) == 1 else sum(seen[1:], seen[0]))
         residual = joined([attention_input] * bool(first) +
                           [g.sequence.workspace.attention_input[g.start:g.end].to(device) for g in segments])
         output = layer.feed_forward(residual, layer.attention.dense(context.flatten(1)))
-        offset = len(decode.visible) if decode is not None else 0
+        offset = len(decode.seen.rows) if decode is not None else 0
         if decode is not None:
             decode.hidden = output[:offset]
         for g in segments:
@@ -147,11 +146,11 @@ class ModelRunner:
     def _start_prefill(self, sequence: Sequence) -> None:
         tokens = sequence.tokens[:sequence.prefill_length]
         hidden = self.transformer.word_embeddings(torch.tensor(tokens, device=self.device))  # [n, H]
-        slots = self.cache.slots(sequence.blocks, sequence.prefix_length, sequence.prefix_length + len(tokens))
         sequence.workspace = PrefillBuffers(
             hidden=hidden, attention_input=torch.empty_like(hidden),
             queries=hidden.new_empty(len(tokens), self.num_heads, self.head_dim),
-            positions=sequence.positions(0, len(tokens)), slots=torch.tensor(slots))
+            positions=sequence.positions(0, len(tokens)),
+            places=self.cache.places(sequence.blocks, sequence.prefix_length, sequence.prefix_length + len(tokens)))
         self._write_prefix(sequence)
 
     def _write_prefix(self, sequence: Sequence) -> None:
@@ -159,7 +158,7 @@ class ModelRunner:
         if not sequence.prefix_length:
             return
         keys, values = self.transformer.get_prompt(1, self.cache.dtype)  # [layers, 1, nh, pre, hd] each
-        slots = torch.tensor(self.cache.slots(sequence.blocks, 0, sequence.prefix_length))
+        places = self.cache.places(sequence.blocks, 0, sequence.prefix_length)
         for layer, device in enumerate(self.layer_devices):
-            self.cache.write(layer, slots.to(device), keys[layer, 0].transpose(0, 1).to(device),
+            self.cache.write(layer, places.to(device), keys[layer, 0].transpose(0, 1).to(device),
                              values[layer, 0].transpose(0, 1).to(device))

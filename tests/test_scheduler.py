@@ -3,7 +3,7 @@ come first served admission by free blocks, preemption of the newest sequence, a
 import pytest
 import torch
 
-from runtime.kv_cache import PagedKVCache
+from runtime.kv_cache import PagedKVCache, SeenKeys
 from runtime.scheduler import LAYER_UNITS, Phase, Scheduler, Sequence, StepBudget
 
 LAYERS = 3
@@ -124,9 +124,8 @@ def test_blocks_are_handed_out_and_taken_back():
     assert sorted(first + second) == list(range(5)) and kv.num_free == 0
     kv.release(first)
     assert kv.allocate(2) == first  # the lowest free blocks first
-    assert kv.slots([3, 1], 2, 6) == [14, 15, 4, 5]
     keys = torch.arange(4 * 2 * 8, dtype=torch.float32).view(4, 2, 8)
-    kv.write(1, torch.tensor([14, 15, 4, 5]), keys, -keys)
+    kv.write(1, kv.places([3, 1], 2, 6), keys, -keys)  # tokens 2, 3 (block 3) and 4, 5 (block 1)
     assert torch.equal(kv.keys[1][3, :, 2:].transpose(0, 1), keys[:2])
     assert torch.equal(kv.values[1][1, :, :2].transpose(0, 1), -keys[2:])
 
@@ -151,6 +150,6 @@ def test_attention_by_kernel_and_by_gathering_agree(dtype, monkeypatch):
     every = kernels.paged_attention(q, kv.keys[0], kv.values[0], tables, torch.tensor(rows, dtype=torch.int32),
                                     torch.tensor(visible, dtype=torch.int32), kv.scale)
     tolerance = {"rtol": 2 ** -7, "atol": 1e-2} if dtype == torch.bfloat16 else {}
-    torch.testing.assert_close(kv.attend(0, q, tables, rows, visible), every, **tolerance)
+    torch.testing.assert_close(kv.attend(0, q, tables, SeenKeys(rows, visible)), every, **tolerance)
     monkeypatch.setattr(quantization, "FORCE_TORCH_FALLBACK", True)
-    torch.testing.assert_close(kv.attend(0, q, tables, rows, visible), every, **tolerance)
+    torch.testing.assert_close(kv.attend(0, q, tables, SeenKeys(rows, visible)), every, **tolerance)
