@@ -43,19 +43,17 @@ from typing import Annotated, Any, AsyncIterator, Callable, Dict, List, Literal,
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
-from starlette.exceptions import HTTPException
 
 from chatglm_6b.modeling_chatglm import build_prompt, encode_chat
 from runtime.engine import DoesNotFit, EngineClosed, GenerationEngine, QueueFull, Reply
 from runtime.metrics import RequestCounter, ServingMetrics
 from runtime.options import (DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, add_model_args,
                              add_serving_args, engine_options, load_from_args, sampling)
-from runtime.server import (DEFAULT_MAX_BODY_BYTES, LOOPBACK_NAMES, DrainingServer, ErrorBody, ErrorResponse,
-                            HeaderDeadline, RequestGuard, error_response)
+from runtime.server import (DEFAULT_MAX_BODY_BYTES, LOOPBACK_NAMES, ApiError, DrainingServer, ErrorBody, ErrorResponse,
+                            HeaderDeadline, RequestGuard, install_error_handlers, unless_disconnected)
 
 MODEL_ID = "chatglm-6b"
 # A token is rarely more than a few characters; a prompt this many times the context cannot fit.
@@ -266,13 +264,6 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 413
 RETRY_AFTER_SECONDS = 1
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
-                 headers: Optional[Dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
-
-
 def messages_to_chat(messages: List[Message]) -> Tuple[str, List[Tuple[str, str]]]:
     """OpenAI messages -> (query, history) of ChatGLM: the last user message is the query, the
     user/assistant pairs before it the history, leading system messages go before the first user message."""
@@ -359,7 +350,7 @@ class ChatService:
     def __init__(self, model, tokenizer, metrics: ServingMetrics, **engine_options):
         self.tokenizer = tokenizer
         self.prompts = Prompts(tokenizer, model.config.max_sequence_length)
-        self.engine = GenerationEngine(model, tokenizer, **engine_options).start()
+        self.engine = GenerationEngine(model, tokenizer, **engine_options)  # started and stopped by the app's lifespan
         self.metrics = metrics.watch(self.engine)
 
     async def prepare(self, make_job: Callable, request) -> Job:
@@ -411,30 +402,6 @@ def shutting_down(closed: EngineClosed) -> ApiError:
     return ApiError(503, f"{closed}; send it again to another instance or after the restart", kind="server_error")
 
 
-class ClientGone(Exception):
-    """The client closed its connection before its (non-streaming) reply was ready."""
-
-
-async def unless_disconnected(connection: Request, work):
-    """Awaits `work` unless the client disconnects first: then `work` is cancelled and ClientGone raised.
-    Once the body has been read, the next ASGI receive() returns only when the client disconnects."""
-    async def disconnected():
-        while (await connection.receive())["type"] != "http.disconnect":
-            pass
-
-    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientGone
-
-
 async def stream_chunks(service: ChatService, job: Job, reply: Reply, completion_id: str, created: int,
                         request: ChatCompletionRequest) -> AsyncIterator[str]:
     def chunk(delta: Delta, finish_reason=None, choices=True, usage_counts=None) -> str:
@@ -476,15 +443,16 @@ ENDPOINTS = ["/", "/v1/chat/completions", "/v1/models", "/health", "/metrics"]
 
 def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: Optional[List[str]] = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **engine_options) -> FastAPI:
-    """The application, with its generation engine running (engine_options: GenerationEngine's max_batch_size,
-    max_queue, kv_cache_bytes, max_step_tokens); allowed_hosts None answers every Host header. Shutting the
-    application down (its lifespan's end) stops the engine."""
+    """The application (engine_options: GenerationEngine's max_batch_size, max_queue, kv_cache_bytes,
+    max_step_tokens); allowed_hosts None answers every Host header. Its lifespan starts the generation engine and,
+    at its end, stops it."""
     metrics = ServingMetrics(ENDPOINTS)
     service = ChatService(model, tokenizer, metrics, **engine_options)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        service.engine.start()
         yield
         await asyncio.to_thread(service.engine.stop)
 
@@ -493,47 +461,7 @@ def create_app(model, tokenizer, api_key: Optional[str] = None, allowed_hosts: O
     app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
     app.add_middleware(RequestCounter, metrics=metrics)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError):
-        return error_response(error.status, error.message, error.param, error.kind, headers=error.headers)
-
-    @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, error: ClientGone):  # nobody reads it; logged and counted as such
-        return error_response(499, "the client closed the connection before its reply was ready", kind="client_closed")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError):
-        problems = error.errors()
-        if problems[0]["type"] == "json_invalid":
-            try:
-                (await request.body()).decode("utf-8")
-            except UnicodeDecodeError as bad:
-                return error_response(422, f"body: not UTF-8 (byte {bad.start}); JSON bodies must be UTF-8", "body")
-
-        def where(problem) -> str:
-            if problem["type"] == "json_invalid":  # its loc is the character offset
-                return "body"
-            return ".".join(str(part) for part in problem["loc"] if part != "body") or "body"
-
-        def what(problem) -> str:
-            if problem["type"] == "json_invalid":
-                return f"invalid JSON at character {problem['loc'][-1]}: {problem['ctx']['error']}"
-            return problem["msg"]
-
-        message = "; ".join(f"{where(p)}: {what(p)}" for p in problems)
-        return error_response(422, message, where(problems[0]))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException):
-        if error.status_code == 400 and "parsing the body" in str(error.detail):  # FastAPI's words for it
-            return error_response(400, "body: cannot be read as JSON (it is not UTF-8, or it nests too deeply)",
-                                  "body")
-        return error_response(error.status_code, str(error.detail), "body" if error.status_code == 413 else None,
-                              headers=getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception):  # uvicorn logs the traceback
-        return error_response(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
+    install_error_handlers(app)
 
     @app.post("/", response_model=ChatResponse, responses=ERROR_RESPONSES)
     async def chat(request: ChatRequest, connection: Request):
@@ -630,12 +558,10 @@ def main(argv=None) -> None:
     else:
         args.allowed_hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES or args.host.startswith("127.") else None
     if args.ray_replicas:
-        import functools
-
-        import api  # replicas unpickle the builder by its module's name, not as __main__
         from runtime.ray_serving import serve_with_ray
 
-        serve_with_ray(functools.partial(api.app_from_args, args), args.ray_replicas, args.host, args.port,
+        # The replicas build the app by this function's import path (this file runs as __main__ here).
+        serve_with_ray("api:app_from_args", args, args.ray_replicas, args.host, args.port,
                        max_ongoing_requests=args.max_batch_size + args.max_queue, max_replicas=args.ray_max_replicas,
                        num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus, address=args.ray_address)
         return

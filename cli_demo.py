@@ -21,42 +21,43 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from runtime.generation import STOPPED_MARK, stable_prefix  # noqa: E402
+from chatglm_6b.modeling_chatglm import encode_chat  # noqa: E402
+from runtime.engine import GenerationEngine  # noqa: E402
+from runtime.generation import STOPPED_MARK  # noqa: E402
 from runtime.options import add_model_args, add_sampling_args, load_from_args, sampling  # noqa: E402
 
 WELCOME = "欢迎使用 ChatGLM-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
 PROMPT = "\n用户："
 LABEL = "\nChatGLM："
+
+
 def write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
 
 
-def reply(model, tokenizer, query, history, args):
-    """Streams one reply to stdout and returns the new history; Ctrl-C keeps what was said so far."""
-    printed, response, interrupted = "", "", False
-    replies = model.stream_chat(tokenizer, query, history, max_length=args.max_length,
-                                **sampling(args.temperature, args.top_p, args.greedy))
+def reply(engine, tokenizer, query, history, args):
+    """Streams one reply to stdout as the engine makes its text, and returns the new history; Ctrl-C stops the
+    reply and keeps what was said so far."""
     try:
-        write(LABEL)
-        for response, _ in replies:
-            text = stable_prefix(response)
-            if text.startswith(printed):
-                write(text[len(printed):])
-                printed = text
+        answer = engine.submit(encode_chat(tokenizer, query, history), max_length=args.max_length,
+                               **sampling(args.temperature, args.top_p, args.greedy))
+    except ValueError as error:  # e.g. the conversation no longer fits in --max-length: keep the history
+        write(f"{LABEL}\n（出错：{error} 输入 clear 可清空对话历史）\n")
+        return history
+    said, interrupted = "", False
+    deltas = iter(answer)
+    write(LABEL)
+    try:
+        for delta in deltas:
+            write(delta.text)
+            said += delta.text
     except KeyboardInterrupt:
         interrupted = True
-    except ValueError as error:  # e.g. the conversation no longer fits in --max-length: keep the history
-        write(f"\n（出错：{error} 输入 clear 可清空对话历史）\n")
-        return history
     finally:
-        replies.close()  # stops the generation thread if we left the loop early
-    if response.startswith(printed):
-        write(response[len(printed):])
-    else:  # an earlier character changed after it was printed: show the corrected reply in full
-        write(f"\n{LABEL.strip()}{response}")
+        deltas.close()  # a reply left early is cancelled: the engine drops it at its next step
     write(f"\n{STOPPED_MARK}\n" if interrupted else "\n")
-    return history + [(query, response)] if response else history
+    return history + [(query, said)] if said else history
 
 
 def main():
@@ -66,6 +67,7 @@ def main():
     args = parser.parse_args()
 
     model, tokenizer = load_from_args(args)
+    engine = GenerationEngine(model, tokenizer, max_batch_size=1, max_queue=0).start()  # its thread: SIGINT blocked
     (torch.ones(256, 256) @ torch.ones(256, 256)).sum()  # start torch's worker threads now, SIGINT blocked
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -100,7 +102,7 @@ def main():
                 write("\033[2J\033[H")
             print(WELCOME)
         elif query:
-            history = reply(model, tokenizer, query, history, args)
+            history = reply(engine, tokenizer, query, history, args)
 
 
 if __name__ == "__main__":

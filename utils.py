@@ -11,8 +11,9 @@ from typing import Dict, Optional
 from chatglm_6b.modeling_chatglm import ORIGINAL_NUM_LAYERS
 from runtime.devices import DeviceError, gpu_device_map
 from runtime.finetunes import load_finetuned
-from runtime.loading import DEMO_MODEL_PATH, CheckpointError, load_model_and_tokenizer, save_checkpoint
+from runtime.loading import DEMO_MODEL_PATH, CheckpointError, load_model_and_tokenizer
 from runtime.options import add_model_args, load_from_args
+from runtime.saving import save_checkpoint
 
 __all__ = ["CheckpointError", "DEMO_MODEL_PATH", "DeviceError", "add_model_args", "auto_configure_device_map",
            "load_finetuned", "load_from_args", "load_model_and_tokenizer", "load_model_on_gpus", "save_checkpoint"]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from benchmarks.common import machine_summary  # noqa: E402
-from chatglm_6b import quantization  # noqa: E402
+from chatglm_6b import kernels  # noqa: E402
 from runtime.loading import load_model_and_tokenizer  # noqa: E402
 from tools.train_demo_model import encode_example, load_corpus  # noqa: E402
 
@@ -57,13 +57,14 @@ def main():
     hello = reference.chat(tokenizer, HELLO, do_sample=False)[0]
     rows = []
     for name, options, integer in tqdm(CONFIGURATIONS, desc="configurations"):
-        quantization.INTEGER_ACTIVATIONS = integer
+        kernels.settings.integer_activations = integer
         model, _ = load_model_and_tokenizer(device="cpu", **options)
         rows.append((name, argmax_agreement(reference, model, tokenizer, examples),
                      model.chat(tokenizer, HELLO, do_sample=False)[0] == hello))
-    quantization.INTEGER_ACTIVATIONS = True
+    kernels.settings.integer_activations = True
     print(f"\ndemo checkpoint, {len(examples)} corpus examples, argmax agreement with fp32 over their responses")
-    print(machine_summary() + f"; CPU kernel: {quantization._cpu_kernel_build or 'not loaded'}")
+    loaded = kernels.loaded_cpu_kernels()
+    print(machine_summary() + f"; CPU kernel: {loaded.description if loaded else 'not loaded'}")
     print(f"{'configuration':<26} {'agreement':>9} {HELLO + ' reply = fp32':>14}")
     for name, agreement, same in rows:
         print(f"{name:<26} {agreement * 100:>8.2f}% {'yes' if same else 'no':>14}")

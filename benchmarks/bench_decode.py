@@ -230,9 +230,9 @@ def run_one(args) -> dict:
         _, tokenizer = load_model_and_tokenizer(device="cpu")  # the demo tokenizer: the engine decodes the replies
         model = random_6b(args.one, tokenizer)
         if args.one != "fp16":
-            from chatglm_6b.quantization import prepare_cpu_kernel
+            from chatglm_6b.kernels import prepare_cpu_kernels
 
-            prepare_cpu_kernel()  # as loading does for these dtypes on the CPU
+            prepare_cpu_kernels()  # as loading does for these dtypes on the CPU
     lengths = [int(n) for n in args.prompt_lengths.split(",") if n]
     rows = [int(n) for n in args.batch_rows.split(",") if n]
     return {"dtype": args.one, "weight_bytes": weight_bytes(model), "peak_rss": peak_rss(),

@@ -1,4 +1,4 @@
-"""Linear-layer speed on CPU: float weights vs the int8/int4 kernels of chatglm_6b/quantization.py.
+"""Linear-layer speed on CPU: float weights vs the int8/int4 kernels of chatglm_6b/kernels.py.
 
 For each weight shape [out, in] and number of input rows M (1 = decode, 16 = small prefill) it prints
 ms per call, the weight bytes streamed per second, that rate as a fraction of the measured memory read
@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks.common import machine_summary, read_bandwidth  # noqa: E402
 from chatglm_6b import quantization as Q  # noqa: E402
+from chatglm_6b.kernels import cpu_kernels  # noqa: E402
 
 
 def pool(make, nbytes, args):
@@ -55,7 +56,7 @@ def methods(N, K, M):
     q8, s8 = Q.quantize_weight(w32, 8)
     q4, s4 = Q.quantize_weight(w32, 4)
     s8f, s4f, s8b = s8.float(), s4.float(), s8.bfloat16()
-    k = Q._load_cpu_kernels()
+    k = cpu_kernels().ops
     ours = lambda bits, integer: (lambda q, s: k.linear(x, q, s, None, bits, integer))  # noqa: E731
     return {
         "fp32 F.linear": (lambda: (w32,), N * K * 4, lambda w: F.linear(x, w)),
@@ -69,7 +70,7 @@ def methods(N, K, M):
         "ours int4 (int8 x)": (lambda: (q4, s4f), N * K // 2, ours(4, 1)),
         "ours int4 (fp32 x)": (lambda: (q4, s4f), N * K // 2, ours(4, 0)),
         "torch fallback int4 (dequant+mm)": (lambda: (q4, s4f), N * K // 2,
-                                             lambda q, s: Q._torch_linear(x, q, s, None, 4)),
+                                             lambda q, s: Q.reference_linear(x, q, s, None, 4)),
     }
 
 
@@ -85,8 +86,8 @@ def main():
 
     print(machine_summary())
     t = time.perf_counter()
-    assert Q._load_cpu_kernels(), "CPU kernel did not compile"
-    print(f"kernel: {Q._cpu_kernel_build}")
+    assert cpu_kernels(), "CPU kernel did not compile"
+    print(f"kernel: {cpu_kernels().description}")
     print(f"kernel load/compile: {time.perf_counter() - t:.1f} s, threads: {torch.get_num_threads()}, "
           f"weights: {'hot (one copy)' if args.hot else f'cold (>= {args.ws_mb} MB rotating copies)'}")
     bw = read_bandwidth()

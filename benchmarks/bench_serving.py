@@ -59,7 +59,7 @@ def write_random_6b_int4(path: str) -> None:
 
     from benchmarks.bench_decode import random_6b
     from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
-    from runtime.loading import save_checkpoint
+    from runtime.saving import save_checkpoint
 
     tokenizer = ChatGLMTokenizer.from_pretrained(DEMO)
     with open(os.path.join(DEMO, "config.json")) as f:

@@ -21,7 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_chatglm import ChatGLMConfig
-from .quantization import float_linear, loaded_cpu_kernels
+from .kernels import placed_backend
 from .streaming import stream_generate
 from .tokenization_chatglm import glm_attention_mask, glm_position_ids
 
@@ -201,16 +201,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
-# Query rows up to which a bf16 attention on the CPU is a decoding step (see SelfAttention.forward).
-DECODE_ROWS = 16
-
-
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) whose bf16 products on the CPU run on the CPU kernel, once
-    loaded (quantization.float_linear): about twice torch's speed for decoding's few rows."""
+    """nn.Linear (same parameters and state-dict keys) computed by the backend of its weight's device (kernels.py):
+    on the CPU, bf16 products of a few rows run on the CPU kernel, about twice torch's speed for decoding."""
 
     def forward(self, input):
-        return float_linear(input, self.weight, self.bias)
+        return placed_backend(self, self.weight).linear(input, self.weight, self.bias)
 
 
 class SelfAttention(nn.Module):
@@ -257,24 +253,10 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_id)  # [B, nh, past + L, hd]
 
-        # torch's CPU SDPA in bf16 costs 0.5 ms per call for a single query (10x its fp32 time, 28 calls a token),
-        # and its matmul copies a cache that is a view of a longer buffer: decoding steps in bf16 on the CPU take
-        # the CPU kernel, which reads the cache in place, or else the plain product.
-        decoding = q.device.type == "cpu" and q.dtype == torch.bfloat16 and L <= DECODE_ROWS and not output_attentions
-        kernels = loaded_cpu_kernels() if decoding and not (torch.is_grad_enabled() and q.requires_grad) else None
-        if kernels:
-            probs = None
-            context = kernels.decode_attention(q, k, v, attention_bias, self.head_dim ** -0.5)  # [B, nh, L, hd]
-        elif output_attentions or decoding:
-            scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5  # [B, nh, L, keys]
-            if attention_bias is not None:
-                scores = scores + attention_bias
-            probs = F.softmax(scores.float(), dim=-1).to(v.dtype)
-            context = probs @ v
-            probs = probs.reshape(B * self.num_heads, L, -1) if output_attentions else None  # the original's layout
-        else:
-            probs = None
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
+        backend = placed_backend(self, self.query_key_value.weight)
+        context, probs = backend.attention(q, k, v, attention_bias, output_attentions)  # [B, nh, L, hd]
+        if probs is not None:
+            probs = probs.reshape(B * self.num_heads, L, -1)  # the original's layout
         context = context.transpose(1, 2).reshape(B, L, -1)  # [B, L, H]
         return self.dense(context), probs
 

@@ -1,4 +1,4 @@
-# Copy of chatglm_6b/configuration_chatglm.py, written by `python tools/copy_model_code.py` (runtime.loading.copy_model_code): edit chatglm_6b/configuration_chatglm.py, not this file.
+# Copy of chatglm_6b/configuration_chatglm.py, written by `python tools/copy_model_code.py` (runtime.saving.copy_model_code): edit chatglm_6b/configuration_chatglm.py, not this file.
 """ChatGLM-6B configuration: the keys of THUDM/chatglm-6b's config.json, with the 6B values as defaults."""
 from transformers import PretrainedConfig
 

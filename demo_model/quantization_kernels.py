@@ -1,9 +1,9 @@
-# Copy of chatglm_6b/quantization_kernels.py, written by `python tools/copy_model_code.py` (runtime.loading.copy_model_code): edit chatglm_6b/quantization_kernels.py, not this file.
-"""C++ source of the CPU kernels used by quantization.py (and, for bf16 weights, by modeling_chatglm.Linear).
+# Copy of chatglm_6b/quantization_kernels.py, written by `python tools/copy_model_code.py` (runtime.saving.copy_model_code): edit chatglm_6b/quantization_kernels.py, not this file.
+"""C++ source of the CPU kernels (built, loaded and dispatched by kernels.py).
 
 The source lives in a Python string (not a .cpp file) because Hugging Face remote code only copies
-.py files that are imported relatively; quantization.py writes it into the torch extensions dir and
-compiles it once per source/CPU/flags (see quantization._load_cpu_kernels).
+.py files that are imported relatively; kernels.py writes it into the torch extensions dir and
+compiles it once per source/CPU/flags.
 
 Ops (registered as torch.ops.chatglm_quant.*):
   linear(x[*, K] f32/bf16/f16, qweight int8 [N, K*bits/8], scale [N], bias [N]?, bits, integer) -> [*, N] in x's
@@ -18,9 +18,10 @@ Ops (registered as torch.ops.chatglm_quant.*):
       rows [N], visible [N]) -> [N, nh, hd]: each query attends to the first visible[i] keys of its sequence's
       blocks (block_tables[rows[i]]), read in place; fp32 or bf16
   dequantize(qweight int8 [N, K*bits/8], scale [N], bits) -> float32 [N, K]
-  has_integer_path() -> whether this build has the integer path; simd() -> the SIMD paths of this build
+  has_integer_path() -> whether this build has the integer path; has_bf16_dot() -> whether bf16 products use bf16
+      dot-product instructions (else they widen to fp32); simd() -> the SIMD paths of this build
 
-The SIMD paths are chosen when compiling (-march=native, or the flags of CHATGLM_CPU_ISA in quantization.py):
+The SIMD paths are chosen when compiling (-march=native, or the flags of CHATGLM_CPU_ISA in kernels.py):
 AVX-512, AVX2 or plain scalar code, each with the same results up to the order of fp32 sums.
 
 Weight format (ChatGLM-6B checkpoints): w[n, k] ~= q[n, k] * scale[n]; for int4, byte j of a row holds
@@ -45,18 +46,21 @@ CPP_SOURCE = r"""
 // ---------------------------------------------------------------------------------------------
 // A minimal vector layer: V fp32 lanes. -march=native picks AVX-512 or AVX2; else plain scalars.
 // ---------------------------------------------------------------------------------------------
+// The operations both vector widths spell alike, written once: W is the intrinsics' width (512 or 256).
+#define CHATGLM_VECTOR_OPS(W)                                                                   \
+  static inline vf vzero() { return _mm##W##_setzero_ps(); }                                    \
+  static inline vf vload(const float* p) { return _mm##W##_loadu_ps(p); }                        \
+  static inline void vstore(float* p, vf a) { _mm##W##_storeu_ps(p, a); }                        \
+  static inline vf vset1(float a) { return _mm##W##_set1_ps(a); }                                \
+  static inline vf vfma(vf a, vf b, vf c) { return _mm##W##_fmadd_ps(a, b, c); }                 \
+  static inline vf vcvt(vi a) { return _mm##W##_cvtepi32_ps(a); }
 #if defined(__AVX512F__)
 constexpr int V = 16;
 using vf = __m512;
 using vi = __m512i;
-static inline vf vzero() { return _mm512_setzero_ps(); }
-static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
-static inline vf vset1(float a) { return _mm512_set1_ps(a); }
-static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+CHATGLM_VECTOR_OPS(512)
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline vi vbytes(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
-static inline vf vcvt(vi a) { return _mm512_cvtepi32_ps(a); }
 // Nibble -> float in one vpermps: it only reads the low 4 bits of each index lane, so a 16-entry
 // table of the two's complement values replaces shift/shift/convert (the int4 kernel is ALU bound).
 static inline vf nib_table() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1); }
@@ -66,18 +70,13 @@ static inline vf nib_lo_f(vi b, vf t) { return _mm512_permutexvar_ps(b, t); }
 constexpr int V = 8;
 using vf = __m256;
 using vi = __m256i;
-static inline vf vzero() { return _mm256_setzero_ps(); }
-static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
-static inline vf vset1(float a) { return _mm256_set1_ps(a); }
-static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+CHATGLM_VECTOR_OPS(256)
 static inline float vsum(vf a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 static inline vi vbytes(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
-static inline vf vcvt(vi a) { return _mm256_cvtepi32_ps(a); }
 static inline vf nib_table() { return vzero(); }  // unused: shifts + convert instead
 static inline vf nib_hi_f(vi b, vf) { return vcvt(_mm256_srai_epi32(b, 4)); }
 static inline vf nib_lo_f(vi b, vf) { return vcvt(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28)); }
@@ -739,6 +738,11 @@ std::string simd() {
 }
 
 bool has_integer_path() { return kIntegerPath; }
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+bool has_bf16_dot() { return true; }
+#else
+bool has_bf16_dot() { return false; }
+#endif
 int64_t activation_block() { return QB; }
 
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, int64_t bits) {
@@ -829,6 +833,7 @@ TORCH_LIBRARY(chatglm_quant, m) {
   m.def("paged_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor rows, "
         "Tensor visible, float scale) -> Tensor");
   m.def("has_integer_path() -> bool", &has_integer_path);
+  m.def("has_bf16_dot() -> bool", &has_bf16_dot);
   m.def("activation_block() -> int", &activation_block);
   m.def("simd() -> str", &simd);
   m.def("dequantize(Tensor qweight, Tensor scale, int bits) -> Tensor");

@@ -1,4 +1,4 @@
-# Copy of chatglm_6b/tokenization_chatglm.py, written by `python tools/copy_model_code.py` (runtime.loading.copy_model_code): edit chatglm_6b/tokenization_chatglm.py, not this file.
+# Copy of chatglm_6b/tokenization_chatglm.py, written by `python tools/copy_model_code.py` (runtime.saving.copy_model_code): edit chatglm_6b/tokenization_chatglm.py, not this file.
 """ChatGLM-6B tokenizer: a SentencePiece `ice_text.model` behind a Hugging Face slow tokenizer.
 
 Conventions of the original (THUDM/chatglm-6b), kept because real checkpoints depend on them:

@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 from transformers import Seq2SeqTrainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from runtime.loading import load_prefix_encoder, save_checkpoint
+from runtime.loading import load_prefix_encoder
+from runtime.saving import save_checkpoint
 
 
 def is_peft(model) -> bool:
@@ -17,7 +18,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
     """Checkpoints by training mode:
     - P-Tuning v2: model.safetensors with the trainable (prefix-encoder) weights only, and config.json;
     - LoRA: the peft adapter (adapter_config.json, adapter_model.safetensors);
-    - full fine-tune: a whole checkpoint made by runtime.loading.save_checkpoint (weights, config, tokenizer,
+    - full fine-tune: a whole checkpoint made by runtime.saving.save_checkpoint (weights, config, tokenizer,
       model code);
     plus, in checkpoint-N/, the usual optimizer, scheduler, RNG and trainer state for --resume_from_checkpoint.
     """

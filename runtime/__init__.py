@@ -1,7 +1,8 @@
 """What runs the model for the front-ends, outside the remote code that ships with checkpoints:
 
-    devices.py      which device and dtype, and how layers are placed over several GPUs
-    loading.py      checkpoint path or hub id -> (model, tokenizer): formats, quantize-while-loading, saving
+    devices.py      which device and dtype, the memory a device has free, how layers are placed over several GPUs
+    loading.py      checkpoint path or hub id -> (model, tokenizer): one path for every format, quantizing while loading
+    saving.py       checkpoints that load anywhere: weights, config, tokenizer and the model code side by side
     finetunes.py    what ptuning/ trains (P-Tuning prefixes, LoRA adapters, full fine-tunes), applied on load
     options.py      the model, sampling and serving options the three front-ends share
     engine.py       the serving engine's public face (GenerationEngine, Reply), behind api.py and web_demo.py;

@@ -1,5 +1,7 @@
-"""Device and dtype choice, and the original's placement of ChatGLM-6B's layers over several GPUs."""
-from typing import Dict
+"""Device and dtype choice, the memory a device has free, and the original's placement of ChatGLM-6B's layers over
+several GPUs."""
+import os
+from typing import Dict, Optional
 
 import torch
 
@@ -45,3 +47,19 @@ def gpu_device_map(num_layers: int, num_gpus: int) -> Dict[str, int]:
 def require_gpus(num_gpus: int) -> None:
     if torch.cuda.device_count() < num_gpus:
         raise DeviceError(f"{num_gpus} GPUs were asked for; torch sees {torch.cuda.device_count()} CUDA GPUs.")
+
+
+def available_memory(device: Optional[torch.device] = None) -> Optional[int]:
+    """Bytes that can still be allocated on `device` (default: the CPU) without swapping: a GPU's free memory, or
+    Linux's MemAvailable (elsewhere the free physical pages, or None if unknown)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

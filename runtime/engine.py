@@ -24,7 +24,8 @@ from typing import AsyncIterator, Iterator, List, Optional, Sequence as Seq
 
 import torch
 
-from chatglm_6b.quantization import prepare_cpu_kernel
+from chatglm_6b.kernels import prepare_cpu_kernels
+from chatglm_6b.streaming import Pump
 from chatglm_6b.tokenization_chatglm import glm_context_length
 
 from .generation import TextStream
@@ -66,8 +67,6 @@ class Reply:
     stop string; "length": max_length reached; "cancelled"), and the engine's exception is raised by the iteration
     if the request failed."""
 
-    _END = object()
-
     def __init__(self, prompt_ids: List[int], max_length: int, sampling: SamplingParams, seed: Optional[int],
                  stream: TextStream, loop: Optional[asyncio.AbstractEventLoop]):
         self.prompt_ids, self.max_length, self.sampling, self.seed = list(prompt_ids), max_length, sampling, seed
@@ -77,9 +76,7 @@ class Reply:
         self.error: Optional[BaseException] = None
         self.cancelled = False
         self.on_cancel = lambda reply: None  # set by the engine: frees a queue slot at once
-        self.loop = loop
-        self._events = asyncio.Queue() if loop is not None else collections.deque()
-        self._ready = None if loop is not None else threading.Condition()
+        self.deltas = Pump(loop)
 
     @property
     def text(self) -> str:
@@ -97,55 +94,32 @@ class Reply:
             self.on_cancel(self)
 
     # ---- called by the engine thread ----
-    def _emit(self, item) -> None:
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(self._events.put_nowait, item)
-            except RuntimeError:  # the consumer's loop has closed: nobody is listening
-                self.cancel()
-        else:
-            with self._ready:
-                self._events.append(item)
-                self._ready.notify()
-
     def _token(self, token: int, text: str) -> None:
         self.tokens.append(token)
-        self._emit(Delta(token, text))
+        if not self.deltas.put(Delta(token, text)):  # the consumer's event loop has closed: nobody is listening
+            self.cancel()
 
     def _finish(self, reason: Optional[str], error: Optional[BaseException] = None) -> None:
         if reason in ("stop", "length"):
             rest = self.stream.finish()
             if rest:
-                self._emit(Delta(None, rest))
+                self.deltas.put(Delta(None, rest))
         self.finish_reason, self.error = reason, error
-        self._emit(self._END)
+        self.deltas.close(error)
 
     # ---- consumers ----
     def __iter__(self) -> Iterator[Delta]:
-        if self.loop is not None:
-            raise TypeError("this reply was submitted with an event loop: use `async for`")
         try:
-            while True:
-                with self._ready:
-                    while not self._events:
-                        self._ready.wait()
-                    item = self._events.popleft()
-                if item is self._END:
-                    break
-                yield item
+            yield from self.deltas
         finally:
             self.cancel()  # a consumer that stops early frees the row
-        if self.error is not None:
-            raise self.error
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
-            while (item := await self._events.get()) is not self._END:
-                yield item
+            async for delta in self.deltas:
+                yield delta
         finally:
             self.cancel()
-        if self.error is not None:
-            raise self.error
 
 
 class GenerationEngine:
@@ -168,7 +142,7 @@ class GenerationEngine:
         config = model.config
         self.context, self.prefix_length = config.max_sequence_length, config.pre_seq_len or 0
         if model.device.type == "cpu":
-            prepare_cpu_kernel()  # its paged attention: compiled now (once per machine), not inside a reply
+            prepare_cpu_kernels()  # its paged attention: compiled now (once per machine), not inside a reply
         dtype = PagedKVCache.dtype_for(model)
         budget = kv_cache_bytes or default_budget(model, dtype, max_batch_size * (self.context + self.prefix_length))
         self.cache = PagedKVCache.for_model(model, budget)

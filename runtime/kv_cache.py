@@ -11,14 +11,15 @@ Layout, per layer (on the layer's device): keys and values [num_blocks, heads, b
 head's keys of a block are contiguous for the attention kernel.
 """
 import math
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from chatglm_6b.quantization import loaded_cpu_kernels
+from chatglm_6b.kernels import loaded_cpu_kernels
+
+from .devices import available_memory
 
 
 BLOCK_SIZE = 16  # tokens per block
@@ -40,22 +41,11 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on `device` without swapping (Linux's MemAvailable on the CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def default_budget(model, dtype: torch.dtype, most_tokens: int) -> int:
     """The default KV budget in bytes: FREE_MEMORY_SHARE of what is free after the weights, less the headroom, but
     no more than `most_tokens` need, and at least one full context (a sequence must be able to grow to it)."""
     per_token = kv_bytes_per_token(model.config, dtype)
-    free = FREE_MEMORY_SHARE * available_memory(model.device) - HEADROOM_BYTES
+    free = FREE_MEMORY_SHARE * (available_memory(model.device) or 0) - HEADROOM_BYTES
     one_context = per_token * (model.config.max_sequence_length + (model.config.pre_seq_len or 0))
     return int(max(min(free, per_token * most_tokens), one_context))
 
@@ -172,11 +162,11 @@ class PagedKVCache:
                                                           visible[start:end])
             start = end
         if len(by_kernel) == len(rows):
-            return kernels.paged_attention(queries, self.keys[layer], self.values[layer], block_tables,
+            return kernels.ops.paged_attention(queries, self.keys[layer], self.values[layer], block_tables,
                                            *seen.tensors(), self.scale)
         if by_kernel:
             index = torch.tensor(by_kernel, device=queries.device)
-            out[index] = kernels.paged_attention(
+            out[index] = kernels.ops.paged_attention(
                 queries[index], self.keys[layer], self.values[layer], block_tables,
                 torch.tensor([rows[i] for i in by_kernel], dtype=torch.int32),
                 torch.tensor([visible[i] for i in by_kernel], dtype=torch.int32), self.scale)

@@ -1,6 +1,6 @@
-"""Checkpoint path or hub id -> (model, tokenizer): the checkpoint formats (sharded .bin with its index as
-the original ships, safetensors), quantizing while loading, handing memory back to the OS, and saving
-checkpoints that load anywhere (weights, config, tokenizer and the model code side by side)."""
+"""Checkpoint path or hub id -> (model, tokenizer), by one loading path for every checkpoint: the original's
+sharded .bin with its index or safetensors; float, already quantized, or quantized while loading; on one device or
+placed over several GPUs. Memory is handed back to the OS as the shards are read. Saving is runtime/saving.py."""
 import ctypes
 import ctypes.util
 import functools
@@ -8,29 +8,27 @@ import json
 import logging
 import mmap
 import os
+import re
 import sys
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from chatglm_6b.configuration_chatglm import ChatGLMConfig
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration
+from chatglm_6b.quantization import QuantizedEmbedding, QuantizedLinear, quantize_weight
 from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
 
 from . import ROOT
-from .devices import DeviceError, default_dtype, gpu_device_map, pick_device, require_gpus
+from .devices import DeviceError, available_memory, default_dtype, gpu_device_map, pick_device, require_gpus
 
 DEMO_MODEL_PATH = os.path.join(ROOT, "demo_model")
-CODE_DIR = os.path.join(ROOT, "chatglm_6b")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
-            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-            "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-            "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
-COPY_HEADER = ("# Copy of chatglm_6b/{name}, written by `python tools/copy_model_code.py` "
-               "(runtime.loading.copy_model_code): edit chatglm_6b/{name}, not this file.\n")
+# The weights may take at most this share of the free memory (the rest: activations, the OS, the server).
+WEIGHTS_SHARE_OF_FREE_MEMORY = 0.9
+MADV_DONTNEED = 4  # madvise(2): drop the pages of a range (a file-backed mapping reads them back when touched)
 logger = logging.getLogger(__name__)
 
 
@@ -61,13 +59,54 @@ def resolve_checkpoint(model_path: str) -> str:
     return model_path
 
 
-def single_weight_file(directory: str) -> Optional[str]:
+class WeightFile:
+    """One weight file, safetensors or a torch .bin, read without loading it whole: its names, a tensor's shape,
+    and its tensors one at a time, memory-mapped, so only the tensor in hand is resident (a .bin tensor's pages
+    are dropped when the next one is asked for: touching it again re-reads the file)."""
+
+    def __init__(self, path: str):
+        self.path, self.safetensors = path, path.endswith(".safetensors")
+
+    def _torch(self) -> Dict[str, torch.Tensor]:
+        return torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+
+    def names(self) -> List[str]:
+        if self.safetensors:
+            from safetensors import safe_open
+
+            with safe_open(self.path, framework="pt") as f:
+                return list(f.keys())
+        return list(self._torch().keys())
+
+    def shape(self, name: str) -> Optional[Tuple[int, ...]]:
+        if self.safetensors:
+            from safetensors import safe_open
+
+            with safe_open(self.path, framework="pt") as f:
+                return tuple(f.get_slice(name).get_shape()) if name in f.keys() else None
+        tensor = self._torch().get(name)
+        return None if tensor is None else tuple(tensor.shape)
+
+    def tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        if self.safetensors:
+            from safetensors import safe_open
+
+            with safe_open(self.path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            for name, tensor in self._torch().items():
+                yield name, tensor
+                drop_mapped_pages(tensor)  # the caller has copied what it needed by now
+
+
+def single_weight_file(directory: str) -> Optional[WeightFile]:
     """The directory's one-file weights, model.safetensors before pytorch_model.bin, or None."""
-    return next((os.path.join(directory, name) for name in WEIGHT_FILES
+    return next((WeightFile(os.path.join(directory, name)) for name in WEIGHT_FILES
                  if os.path.isfile(os.path.join(directory, name))), None)
 
 
-def weight_files(path: str) -> List[str]:
+def weight_files(path: str) -> List[WeightFile]:
     """The checkpoint's weight files: a sharded index (safetensors or the original .bin) or one file."""
     if not os.path.isdir(path):
         from huggingface_hub import snapshot_download
@@ -76,54 +115,27 @@ def weight_files(path: str) -> List[str]:
     for index in WEIGHT_INDEXES:
         if os.path.isfile(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
-                return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            return [WeightFile(os.path.join(path, name)) for name in names]
     single = single_weight_file(path)
     if single is not None:
         return [single]
     raise CheckpointError(f"no model.safetensors or pytorch_model.bin (or their index) in {path!r}.")
 
 
-def read_weights(file: str) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, tensor) one at a time, memory-mapped, so only the tensor in hand is resident: a .bin tensor's
-    pages are dropped when the caller asks for the next one (touching it again re-reads the file)."""
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    else:
-        for name, tensor in torch.load(file, map_location="cpu", mmap=True, weights_only=True).items():
-            yield name, tensor
-            drop_mapped_pages(tensor)  # the caller has copied what it needed by now
+PREFIX_TABLE = "transformer.prefix_encoder.embedding.weight"
 
 
 def prefix_shape(checkpoint: str) -> Optional[Tuple[int, int]]:
     """[pre_seq_len, width] of a P-Tuning checkpoint's prefix table, read without loading it, or None."""
-    path = single_weight_file(checkpoint)
-    name = "transformer.prefix_encoder.embedding.weight"
-    if path is None:
-        return None
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape()) if name in f.keys() else None
-    tensor = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get(name)
-    return None if tensor is None else tuple(tensor.shape)
+    file = single_weight_file(checkpoint)
+    return None if file is None else file.shape(PREFIX_TABLE)
 
 
 def weight_names(checkpoint: str) -> List[str]:
     """Names of the weights in a single-file checkpoint, read without loading the tensors; [] when sharded."""
-    path = single_weight_file(checkpoint)
-    if path is None:
-        return []
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    return list(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+    file = single_weight_file(checkpoint)
+    return [] if file is None else file.names()
 
 
 # ---- memory -----------------------------------------------------------------------------------------
@@ -156,83 +168,79 @@ def drop_mapped_pages(tensor: torch.Tensor) -> None:
         return
     start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
     end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE) * mmap.PAGESIZE
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 # ---- loading ----------------------------------------------------------------------------------------
 
-def expected_shape(module: torch.nn.Module, attr: str) -> Optional[Tuple[int, ...]]:
-    """The shape a checkpoint tensor must have to fill module.attr; a quantized linear's (or embedding's) weight
-    is filled from a float [out, in] ([vocab, hidden]) one."""
-    from chatglm_6b.quantization import QuantizedEmbedding, QuantizedLinear
+def converted(name: str, tensor: torch.Tensor, module: torch.nn.Module, target: torch.Tensor, dtype: torch.dtype,
+              device: torch.device) -> Dict[str, torch.Tensor]:
+    """A checkpoint tensor as the module it is for holds it, on its device: a float weight of a quantized layer is
+    quantized as it arrives (the weight and its scale); rotary frequencies stay fp32; other floats take dtype."""
+    quantizing = (isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and name.endswith(".weight")
+                  and tensor.is_floating_point())
+    if quantizing:
+        expected = ((module.out_features, module.in_features) if isinstance(module, QuantizedLinear)
+                    else (module.num_embeddings, module.embedding_dim))
+    else:
+        expected = tuple(target.shape)
+    if tuple(tensor.shape) != expected:
+        raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint but {list(expected)} in a model of "
+                              "its config.json: the config does not describe these weights.")
+    if quantizing:
+        weight, scale = quantize_weight(tensor, module.bits)
+        return {name: weight.to(device), name + "_scale": scale.to(device, dtype)}
+    if name.endswith("rotary_emb.inv_freq"):  # fp16-rounded in the original's checkpoints; held in fp32 here
+        return {name: tensor.to(device, torch.float32, copy=True)}
+    return {name: tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype, copy=True)}
 
-    if isinstance(module, QuantizedLinear) and attr == "weight":
-        return module.out_features, module.in_features
-    if isinstance(module, QuantizedEmbedding) and attr == "weight":
-        return module.num_embeddings, module.embedding_dim
-    tensor = module._parameters.get(attr, module._buffers.get(attr))
-    return None if tensor is None else tuple(tensor.shape)
 
-
-def load_and_quantize(path: str, config: ChatGLMConfig, bits: int, dtype: torch.dtype, embeddings: bool = False):
-    """Loads a float checkpoint and quantizes it on the way: the model is built with empty INT8/INT4 layers
-    and each float weight is quantized as it is read, shard by shard, so peak memory stays near the
-    quantized model's size (the original loaded the whole fp16 model first, ~13 GB for 6B). embeddings: the word
-    embeddings (and the tied lm_head) too."""
-    from chatglm_6b.quantization import QuantizedEmbedding, QuantizedLinear, set_quantized_weight
-
-    config.quantization_bit = bits
-    config.quantization_embeddings = embeddings
+def load_weights(path: str, config: ChatGLMConfig, dtype: torch.dtype,
+                 placement: Callable[[str], torch.device]) -> ChatGLMForConditionalGeneration:
+    """The one loading path. The model is built on the meta device with the layers its config asks for (INT8/INT4
+    where config.quantization_bit says so); the checkpoint's tensors are read one at a time, converted for their
+    module (`converted`: a float checkpoint is quantized while loading, so peak memory stays near the quantized
+    model's size, where the original loaded the whole fp16 model first, ~13 GB for 6B) and assigned in place
+    (load_state_dict(assign=True)) on the device `placement` gives their name. Tied weights follow the model's
+    _tied_weights_keys. What a checkpoint may lack (the model's _keys_to_ignore_on_load_missing, such as a new
+    P-Tuning prefix, and the rotary frequencies) is made by the model's own _init_weights; anything else missing
+    is an error."""
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)
+    targets = model.state_dict(keep_vars=True)
     modules = dict(model.named_modules())
-    tied = config.tie_word_embeddings
-    unexpected = set()
-    for file in tqdm(weight_files(path), desc="loading and quantizing", unit="shard"):
-        for name, tensor in read_weights(file):
-            module_name, _, attr = name.rpartition(".")
-            module = modules.get(module_name)
-            if module is None:
-                unexpected.add(name)
+    tied = set(model._tied_weights_keys) if config.tie_word_embeddings else set()
+    unexpected = []
+    for file in tqdm(weight_files(path), desc="loading", unit="shard"):
+        shard = {}
+        for name, tensor in file.tensors():
+            if name in tied:  # the word embeddings, once more
                 continue
-            if tied and name == "lm_head.weight":  # the word embeddings, once more
+            if name not in targets:
+                unexpected.append(name)
                 continue
-            expected = expected_shape(module, attr)
-            if expected is not None and tuple(tensor.shape) != expected:
-                raise CheckpointError(f"{name} is {list(tensor.shape)} in the checkpoint but {list(expected)} in "
-                                      "a model of its config.json: the config does not describe these weights.")
-            if attr in module._buffers:  # rotary inv_freq (fp16-rounded in the original; fp32 here)
-                module._buffers[attr] = tensor.float()
-            elif isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and attr == "weight" and tensor.is_floating_point():
-                set_quantized_weight(module, tensor, dtype)
-            else:
-                value = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)  # one copy, off the file
-                module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+            shard.update(converted(name, tensor, modules[name.rpartition(".")[0]], targets[name], dtype,
+                                   placement(name)))
+        model.load_state_dict(shard, strict=False, assign=True)
         release_freed_memory()
     if unexpected:
         logger.warning("%d weights of %s are not used by the model, e.g. %s", len(unexpected), path, sorted(unexpected)[0])
-    if tied:
-        model.lm_head.weight = model.transformer.word_embeddings.weight
-        if embeddings:
-            model.lm_head.weight_scale = model.transformer.word_embeddings.weight_scale
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    for name, module in model.named_modules():  # a new P-Tuning prefix encoder: the one thing a checkpoint may lack
-        if "prefix_encoder" in name and any(t.is_meta for t in module.parameters(recurse=False)):
-            module.to_empty(device="cpu")
-            model._init_weights(module)
+    model.tie_weights()
+    optional = [re.compile(pattern) for pattern in [*(model._keys_to_ignore_on_load_missing or []),
+                                                    r"rotary_emb\.inv_freq$"]]
+    missing = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
+    required = [name for name in missing if not any(pattern.search(name) for pattern in optional)]
+    if required:
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: {len(required)} weights missing, e.g. {required[0]}")
+    for module_name in sorted({name.rpartition(".")[0] for name in missing}):
+        module = modules[module_name]
+        module.to_empty(device=placement(module_name + "."), recurse=False)
+        model._init_weights(module)
+        if not module_name.endswith("rotary_emb"):
             module.to(dtype)
     if config.pre_seq_len is not None:
         model.freeze_all_but_prefix()
-    return model, {"missing_keys": [n for n in missing if "prefix_encoder" not in n], "unexpected_keys": unexpected}
-
-
-def available_memory() -> Optional[int]:
-    """Bytes of memory the OS could give this process now (Linux's MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
+    return model
 
 
 def parameter_count(config: ChatGLMConfig) -> int:
@@ -250,11 +258,12 @@ def dtype_that_fits(config: ChatGLMConfig, dtype: torch.dtype, explicit: bool) -
     available = available_memory()
     if available is None:
         return dtype
+    room = WEIGHTS_SHARE_OF_FREE_MEMORY * available
     count = parameter_count(config)
     needed = count * dtype.itemsize
-    if needed < 0.9 * available:
+    if needed < room:
         return dtype
-    if not explicit and count * torch.bfloat16.itemsize < 0.9 * available:
+    if not explicit and count * torch.bfloat16.itemsize < room:
         logger.warning("fp32 weights would take %.1f GB of the %.1f GB of free memory: loading in bf16 "
                        "(--dtype fp32 insists on fp32)", needed / 1e9, available / 1e9)
         return torch.bfloat16
@@ -265,19 +274,32 @@ def dtype_that_fits(config: ChatGLMConfig, dtype: torch.dtype, explicit: bool) -
 
 def load_prefix_encoder(model: ChatGLMForConditionalGeneration, ptuning_checkpoint: str) -> None:
     """Loads the P-Tuning prefix encoder weights saved by ptuning/ (the only trained weights there)."""
-    shape = prefix_shape(ptuning_checkpoint)
+    file = single_weight_file(ptuning_checkpoint)
+    if file is None:
+        raise CheckpointError(f"no model.safetensors or pytorch_model.bin in P-Tuning checkpoint {ptuning_checkpoint!r}.")
+    shape = file.shape(PREFIX_TABLE)
     expected = tuple(model.transformer.prefix_encoder.embedding.weight.shape)
     if shape is not None and shape != expected:
         raise CheckpointError(f"P-Tuning checkpoint {ptuning_checkpoint!r} holds a prefix of {shape[0]} tokens "
                               f"(width {shape[1]}); the model was built for {expected[0]} (width {expected[1]}): "
                               f"pass --pre-seq-len {shape[0]}, or leave it out.")
-    file = single_weight_file(ptuning_checkpoint)
-    if file is None:
-        raise CheckpointError(f"no model.safetensors or pytorch_model.bin in P-Tuning checkpoint {ptuning_checkpoint!r}.")
-    prefix = {k.split("prefix_encoder.", 1)[1]: v for k, v in read_weights(file) if "prefix_encoder." in k}
+    prefix = {k.split("prefix_encoder.", 1)[1]: v for k, v in file.tensors() if "prefix_encoder." in k}
     if not prefix:
         raise CheckpointError(f"{ptuning_checkpoint!r} holds no prefix_encoder weights.")
     model.transformer.prefix_encoder.load_state_dict(prefix)
+
+
+def placement(target: torch.device, device_map: Optional[Dict[str, int]]) -> Callable[[str], torch.device]:
+    """Where a weight goes, by its name: `target`, or the GPU of the longest device_map entry its name starts with."""
+    if device_map is None:
+        return lambda name: target
+    entries = sorted(device_map.items(), key=lambda entry: -len(entry[0]))
+
+    def device_of(name: str) -> torch.device:
+        gpu = next((gpu for prefix, gpu in entries if name == prefix or name.startswith(prefix + ".")), 0)
+        return torch.device("cuda", gpu) if isinstance(gpu, int) else torch.device(gpu)
+
+    return device_of
 
 
 def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "auto", dtype: Optional[torch.dtype] = None,
@@ -290,8 +312,8 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
 
     model_path: a local directory (sharded .bin with its index, or safetensors) or a hub id.
     device: auto | cpu | cuda | mps. dtype: default fp16 on GPUs, fp32 on CPU.
-    quantize: 4 or 8 for weight-only INT4/INT8; quantize_embeddings: the word embeddings and lm_head too (-qe).
-    ptuning_checkpoint/pre_seq_len: a P-Tuning v2 prefix.
+    quantize: 4 or 8 for weight-only INT4/INT8 (while loading); quantize_embeddings: the word embeddings and
+    lm_head too (-qe). ptuning_checkpoint/pre_seq_len: a P-Tuning v2 prefix.
     num_gpus: > 1 splits the layers over that many CUDA GPUs (embeddings, final norm and head on GPU 0),
     or as `device_map` places them. Raises CheckpointError (or DeviceError) with a one-line message.
     """
@@ -320,14 +342,13 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
                                   "checkpoint to quantize them too.")
         if target.type == "cpu" and not quantize and not config.quantization_bit:
             dtype = dtype_that_fits(config, dtype, explicit_dtype)
+        if quantize and not config.quantization_bit:  # quantized while loading (and never again)
+            config.quantization_bit, config.quantization_embeddings = quantize, quantize_embeddings
         tokenizer = ChatGLMTokenizer.from_pretrained(path)
-        if quantize and not config.quantization_bit and not spread:
-            model, info = load_and_quantize(path, config, quantize, dtype, quantize_embeddings)
-        else:
-            if spread and device_map is None:
-                device_map = gpu_device_map(config.num_layers, num_gpus)
-            model, info = ChatGLMForConditionalGeneration.from_pretrained(
-                path, config=config, dtype=dtype, device_map=device_map, output_loading_info=True)
+        if spread and device_map is None:
+            device_map = gpu_device_map(config.num_layers, num_gpus)
+        model = load_weights(path, config, dtype, placement(target, device_map))
+        load_generation_config(model, path)
     except CheckpointError:
         raise
     except PROGRAM_ERRORS:  # a bug or the machine running out of memory: the traceback says more than one line
@@ -335,50 +356,26 @@ def load_model_and_tokenizer(model_path: Optional[str] = None, device: str = "au
     except Exception as error:  # what the libraries say about an unreadable checkpoint, in one line
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot load checkpoint {model_path or DEMO_MODEL_PATH!r}: {message}") from error
-    missing = [k for k in info["missing_keys"] if "prefix_encoder" not in k]
-    if missing:
-        raise CheckpointError(f"checkpoint {path!r} is incomplete: {len(missing)} weights missing, e.g. {missing[0]}")
     if ptuning_checkpoint is not None:
         load_prefix_encoder(model, ptuning_checkpoint)
-    if quantize:
-        model.quantize(quantize, quantize_embeddings=quantize_embeddings)
-    if not spread:
-        model = model.to(target)
-    # A checkpoint quantized while loading, or already quantized, never ran quantize() with its weights; a bf16
-    # model runs its few-row products on the same kernel: it is compiled now, not inside the first reply.
-    if target.type == "cpu" and (model.config.quantization_bit or model.dtype == torch.bfloat16):
-        from chatglm_6b.quantization import prepare_cpu_kernel
+    if spread:  # hooks that move each layer's activations to its GPU
+        from accelerate import dispatch_model
 
-        prepare_cpu_kernel()
+        model = dispatch_model(model, device_map=device_map)
+    # A quantized model runs on the CPU kernels, and a bf16 model its few-row products: they are compiled now,
+    # not inside the first reply.
+    if target.type == "cpu" and (model.config.quantization_bit or model.dtype == torch.bfloat16):
+        from chatglm_6b.kernels import prepare_cpu_kernels
+
+        prepare_cpu_kernels()
     return model.eval(), tokenizer
 
 
-# ---- saving -----------------------------------------------------------------------------------------
+def load_generation_config(model: ChatGLMForConditionalGeneration, path: str) -> None:
+    """The checkpoint's generation_config.json, where it has one (else the config's defaults stay)."""
+    from transformers import GenerationConfig
 
-def save_checkpoint(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer, out_dir: str,
-                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
-    """Saves weights (safetensors), config, tokenizer and our model code side by side, so the directory
-    loads with `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` as well as with this repo.
-    state_dict, if given, is saved instead of the model's own (DeepSpeed ZeRO-3 gathers it from the ranks)."""
-    os.makedirs(out_dir, exist_ok=True)
-    model.config.auto_map = AUTO_MAP
-    if state_dict is not None and model.config.tie_word_embeddings:  # as saved without one: tied copies left out
-        state_dict = {name: tensor for name, tensor in state_dict.items() if name not in model._tied_weights_keys}
-    model.save_pretrained(out_dir, state_dict=state_dict)
-    tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
-    tokenizer.save_pretrained(out_dir)
-    copy_model_code(out_dir)
-
-
-def model_code_files() -> List[str]:
-    return sorted(name for name in os.listdir(CODE_DIR) if name.endswith(".py") and name != "__init__.py")
-
-
-def copy_model_code(out_dir: str) -> None:
-    """Puts the current chatglm_6b/*.py beside a checkpoint (transformers' remote code), each under a
-    one-line header that says where it comes from."""
-    for name in model_code_files():
-        with open(os.path.join(CODE_DIR, name), encoding="utf-8") as source:
-            code = source.read()
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as copy:
-            copy.write(COPY_HEADER.format(name=name) + code)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # none there
+        pass

@@ -9,10 +9,11 @@ HTTP proxy spreads the requests over the replicas and replaces a replica that di
 Each answer carries an `X-Replica` header naming the replica that produced it. On a cluster every node needs
 this repository at the same path (replicas import it from there) and the checkpoint at --model-path.
 """
+import importlib
 import os
 import signal
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 from . import ROOT
 
@@ -27,8 +28,10 @@ def replica_class():
     class ChatGLMReplica:
         """One replica: builds the app (loading the model) in its own process."""
 
-        def __init__(self, build_app: Callable):
-            self.asgi_app = build_app()  # not `app`: the ingress wrapper has a property of that name
+        def __init__(self, factory: str, args):
+            module, _, function = factory.partition(":")
+            # not `app`: the ingress wrapper has a property of that name
+            self.asgi_app = getattr(importlib.import_module(module), function)(args)
             self.name = serve.get_replica_context().replica_id.unique_id
 
         def __serve_build_asgi_app__(self):
@@ -48,13 +51,13 @@ def replica_class():
     return ChatGLMReplica
 
 
-def serve_with_ray(build_app: Callable, replicas: int, host: str, port: int, max_ongoing_requests: int,
+def serve_with_ray(factory: str, args, replicas: int, host: str, port: int, max_ongoing_requests: int,
                    max_replicas: Optional[int] = None, num_cpus: float = 1, num_gpus: float = 0,
                    address: Optional[str] = None) -> None:
-    """Deploys `replicas` copies of build_app() (a picklable callable that loads the model and returns the app)
-    behind Ray's HTTP proxy on host:port, then blocks until SIGTERM or Ctrl-C and shuts Serve (and a Ray
-    instance started here) down. max_ongoing_requests should cover a replica's batch and queue, so that the
-    replica's own engine does the batching and answers 429 beyond its queue."""
+    """Deploys `replicas` copies of the app that `factory` ("module:function", imported in each replica) makes of
+    `args` (it loads the model) behind Ray's HTTP proxy on host:port, then blocks until SIGTERM or Ctrl-C and shuts
+    Serve (and a Ray instance started here) down. max_ongoing_requests should cover a replica's batch and queue,
+    so that the replica's own engine does the batching and answers 429 beyond its queue."""
     import ray
     from ray import serve
 
@@ -71,7 +74,7 @@ def serve_with_ray(build_app: Callable, replicas: int, host: str, port: int, max
             "target_ongoing_requests": max(1, max_ongoing_requests // 2)}}
         deployment = serve.deployment(replica_class(), name="ChatGLM", max_ongoing_requests=max_ongoing_requests,
                                       ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}, **scaling)
-        serve.run(deployment.bind(build_app), name="chatglm", route_prefix="/", blocking=False)
+        serve.run(deployment.bind(factory, args), name="chatglm", route_prefix="/", blocking=False)
         print(f"Ray Serve: {replicas}{f'-{max_replicas}' if max_replicas else ''} replicas of ChatGLM-6B on "
               f"http://{host}:{port}", flush=True)
         stop.wait()

@@ -1,11 +1,16 @@
-"""What an HTTP server of this repository needs besides its routes: OpenAI's error shape, guards that answer
-before a request's body is read (Host header, API key, body size, a deadline for the request head), and a
-shutdown that lets the running request finish."""
+"""What an HTTP server of this repository needs besides its routes: OpenAI's error shape and the handlers that answer
+every failure in it, guards that answer before a request's body is read (Host header, API key, body size, a
+deadline for the request head), a watch for clients that leave, and a shutdown that lets the running request
+finish."""
+import asyncio
+import contextlib
 import secrets
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import h11
 import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
@@ -30,6 +35,86 @@ def error_response(status: int, message: str, param: Optional[str] = None, kind:
                    headers=None) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class ApiError(Exception):
+    """A request the server answers with an error in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
+                 headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its (non-streaming) reply was ready."""
+
+
+async def unless_disconnected(connection: Request, work):
+    """Awaits `work` unless the client disconnects first: then `work` is cancelled and ClientGone raised.
+    Once the body has been read, the next ASGI receive() returns only when the client disconnects."""
+    async def disconnected():
+        while (await connection.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure answered in OpenAI's shape: ApiError as it says, a client gone 499, a body the schema rejects
+    422 naming the fields, an unreadable body 400, other HTTP errors as they are, anything else 500."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return error_response(error.status, error.message, error.param, error.kind, headers=error.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone):  # nobody reads it; logged and counted as such
+        return error_response(499, "the client closed the connection before its reply was ready", kind="client_closed")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        problems = error.errors()
+        if problems[0]["type"] == "json_invalid":
+            try:
+                (await request.body()).decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return error_response(422, f"body: not UTF-8 (byte {bad.start}); JSON bodies must be UTF-8", "body")
+
+        def where(problem) -> str:
+            if problem["type"] == "json_invalid":  # its loc is the character offset
+                return "body"
+            return ".".join(str(part) for part in problem["loc"] if part != "body") or "body"
+
+        def what(problem) -> str:
+            if problem["type"] == "json_invalid":
+                return f"invalid JSON at character {problem['loc'][-1]}: {problem['ctx']['error']}"
+            return problem["msg"]
+
+        message = "; ".join(f"{where(p)}: {what(p)}" for p in problems)
+        return error_response(422, message, where(problems[0]))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        if error.status_code == 400 and "parsing the body" in str(error.detail):  # FastAPI's words for it
+            return error_response(400, "body: cannot be read as JSON (it is not UTF-8, or it nests too deeply)",
+                                  "body")
+        return error_response(error.status_code, str(error.detail), "body" if error.status_code == 413 else None,
+                              headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):  # uvicorn logs the traceback
+        return error_response(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
 
 
 class RequestGuard:

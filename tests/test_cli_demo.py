@@ -86,43 +86,48 @@ def test_terminal_ctrl_c_stops_the_reply_not_the_program():
     assert child.exitstatus == 0
 
 
-class ScriptedModel:
-    """Stands in for the model: stream_chat yields the given partial responses, then maybe a Ctrl-C."""
+class ScriptedReply:
+    """Stands in for an engine's reply: the given pieces of text, then maybe a Ctrl-C; remembers being closed."""
 
-    def __init__(self, partials, interrupt=False):
-        self.partials, self.interrupt = partials, interrupt
+    def __init__(self, pieces, interrupt):
+        self.pieces, self.interrupt, self.cancelled = pieces, interrupt, False
 
-    def stream_chat(self, tokenizer, query, history, **kwargs):
-        for partial in self.partials:
-            yield partial, history + [(query, partial)]
-        if self.interrupt:
-            raise KeyboardInterrupt
+    def __iter__(self):
+        from runtime.engine import Delta
+
+        try:
+            for i, piece in enumerate(self.pieces):
+                yield Delta(i, piece)
+            if self.interrupt:
+                raise KeyboardInterrupt
+        finally:
+            self.cancelled = True
 
 
-def stream(capsys, partials, interrupt=False):
+class ScriptedEngine:
+    def __init__(self, pieces, interrupt=False):
+        self.answer = ScriptedReply(pieces, interrupt)
+
+    def submit(self, prompt_ids, **kwargs):
+        return self.answer
+
+
+def stream(capsys, reference_tokenizer, pieces, interrupt=False):
     args = argparse.Namespace(max_length=2048, top_p=0.7, temperature=0.95, greedy=True)
-    history = cli_demo.reply(ScriptedModel(partials, interrupt), None, "问", [], args)
-    return capsys.readouterr().out, history
+    engine = ScriptedEngine(pieces, interrupt)
+    history = cli_demo.reply(engine, reference_tokenizer, "问", [], args)
+    return capsys.readouterr().out, history, engine.answer
 
 
-@pytest.mark.parametrize("partials, final", [
-    (["你好", "你好👋", "你好👋!", "你好👋！我"], "你好👋！我"),  # "!" turns "！" once 我 follows
-    (["今年是", "今年是[[训练", "今年是[[训练时间]", "今年是2023年"], "今年是2023年"),  # placeholder filled in
-    (["Hi", "Hi,", "Hi, there"], "Hi, there"),
-])
-def test_stream_prints_each_character_once(capsys, partials, final):
-    out, history = stream(capsys, partials)
-    assert out == f"\nChatGLM：{final}\n" and history == [("问", final)]
+def test_the_reply_streams_as_the_engine_makes_its_text(capsys, reference_tokenizer):
+    """The text comes as the engine settles it (runtime/generation.py): printed once, piece by piece."""
+    out, history, answer = stream(capsys, reference_tokenizer, ["你好", "", "👋！", "我"])
+    assert out == "\nChatGLM：你好👋！我\n" and history == [("问", "你好👋！我")] and answer.cancelled
 
 
-def test_stream_reprints_a_reply_whose_printed_part_changed(capsys):
-    out, _ = stream(capsys, ["ab", "ac"])
-    assert out == "\nChatGLM：ab\nChatGLM：ac\n"
-
-
-def test_ctrl_c_keeps_what_was_said(capsys):
-    out, history = stream(capsys, ["Hi", "Hi,"], interrupt=True)
-    assert out == "\nChatGLM：Hi,\n（回答已中断）\n" and history == [("问", "Hi,")]
+def test_ctrl_c_keeps_what_was_said(capsys, reference_tokenizer):
+    out, history, answer = stream(capsys, reference_tokenizer, ["Hi", ","], interrupt=True)
+    assert out == "\nChatGLM：Hi,\n（回答已中断）\n" and history == [("问", "Hi,")] and answer.cancelled
 
 
 def run_bytes(stdin: bytes, *args):

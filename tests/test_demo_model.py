@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from conftest import ROOT
-from runtime.loading import COPY_HEADER, DEMO_MODEL_PATH, load_model_and_tokenizer, model_code_files
+from runtime.loading import DEMO_MODEL_PATH, load_model_and_tokenizer
+from runtime.saving import COPY_HEADER, model_code_files
 
 HELLO_REPLY = ("你好👋！我是 ChatGLM-6B 的演示小模型，由本项目用自己的代码训练而成。我只记得训练语料里的对话，"
                "回答能力很有限；想要完整的能力，请加载真正的 ChatGLM-6B 权重。")
@@ -56,3 +57,20 @@ def test_checkpoint_code_is_the_repository_code():
 
 def test_checkpoint_is_small():
     assert os.path.getsize(os.path.join(DEMO_MODEL_PATH, "model.safetensors")) < 25 * 2 ** 20
+
+
+def test_the_corpus_check_uses_the_real_post_processing(monkeypatch, capsys):
+    """tools/check_corpus.py checks every response against the chat code's own process_response: the shipped
+    corpus passes, and a change to that function (here: a space next to Chinese turning ideographic) fails it."""
+    import sys
+
+    from chatglm_6b import modeling_chatglm
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import check_corpus
+
+    corpus = os.path.join(ROOT, "data", "demo_corpus")
+    assert check_corpus.main(corpus) == 0
+    monkeypatch.setitem(modeling_chatglm.CHINESE_PUNCTUATION, " ", "\u3000")
+    assert check_corpus.main(corpus) == 1
+    assert "not a fixed point of process_response" in capsys.readouterr().out

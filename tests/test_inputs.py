@@ -13,7 +13,8 @@ from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
 from conftest import write_sharded_bin
 from runtime import loading
 from runtime.finetunes import load_finetuned
-from runtime.loading import CheckpointError, load_model_and_tokenizer, save_checkpoint
+from runtime.loading import CheckpointError, load_model_and_tokenizer
+from runtime.saving import save_checkpoint
 
 
 def prefill_ids(model, run):
@@ -154,7 +155,7 @@ def test_program_errors_keep_their_traceback(tiny_dir, monkeypatch):
     def broken(*args, **kwargs):
         raise TypeError("a bug in our own code")
 
-    monkeypatch.setattr(ChatGLMForConditionalGeneration, "from_pretrained", broken)
+    monkeypatch.setattr(ChatGLMForConditionalGeneration, "tie_weights", broken)
     with pytest.raises(TypeError, match="a bug"):
         load_model_and_tokenizer(tiny_dir)
 

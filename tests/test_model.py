@@ -11,7 +11,8 @@ from chatglm_6b.modeling_chatglm import (ChatGLMForConditionalGeneration, Invali
 from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
 from conftest import write_sharded_bin
 from runtime.devices import gpu_device_map
-from runtime.loading import CheckpointError, load_model_and_tokenizer, save_checkpoint
+from runtime.loading import CheckpointError, load_model_and_tokenizer
+from runtime.saving import save_checkpoint
 
 # Exact round trip for text that SentencePiece's NFKC normaliser leaves as is (it maps full-width "，" to ",").
 HARD_STRINGS = [

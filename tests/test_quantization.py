@@ -11,7 +11,8 @@ from chatglm_6b.quantization import QuantizedEmbedding, QuantizedLinear
 from conftest import ROOT, write_sharded_bin
 from test_demo_model import HELLO_REPLY
 from tools.train_demo_model import load_corpus
-from runtime.loading import load_model_and_tokenizer, read_weights, save_checkpoint
+from runtime.loading import WeightFile, load_model_and_tokenizer
+from runtime.saving import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +60,10 @@ def test_quantized_checkpoint_reloads_without_quantizing_again(tmp_path):
 def test_original_int4_layout_loads(tiny, tiny_dir, tmp_path, monkeypatch):
     """A THUDM/chatglm-6b-int4-style directory: config quantization_bit 4, pytorch_model.bin with
     int8 `weight` [out, in/2] and fp16 `weight_scale` per quantized linear, fp16 everything else."""
-    from chatglm_6b import quantization
+    from chatglm_6b import kernels
 
     # fp32 activations: rounding them to int8 would turn the fp16 rounding of the other weights into whole steps
-    monkeypatch.setattr(quantization, "INTEGER_ACTIVATIONS", False)
+    monkeypatch.setattr(kernels.settings, "integer_activations", False)
     model, tokenizer = tiny
     quantized = ChatGLMForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).quantize(4)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in quantized.state_dict().items()}
@@ -130,7 +131,7 @@ def test_weights_read_again_after_their_pages_were_dropped(tiny, tiny_dir, tmp_p
     read = {}
     for file in sorted(os.listdir(out)):
         if file.endswith(".bin"):
-            read.update(read_weights(os.path.join(out, file)))  # every tensor's pages dropped as it goes
+            read.update(WeightFile(os.path.join(out, file)).tensors())  # every tensor's pages dropped as it goes
     assert read.keys() == state.keys()
     for name, value in state.items():
         assert torch.equal(read[name], value), name
@@ -177,19 +178,19 @@ def test_a_qe_checkpoint_without_lm_head_reloads(fp32_demo, tmp_path):
 def test_bf16_on_the_cpu_kernel_answers_as_torch_does(monkeypatch):
     """A bf16 CPU model runs its few-row products on the CPU kernel (loaded while loading): on the demo corpus
     its next-token argmax agrees with torch's bf16 matmul, and it greets as the fp32 model does."""
-    from chatglm_6b import quantization
+    from chatglm_6b import kernels
 
     model, tokenizer = load_model_and_tokenizer(device="cpu", dtype=torch.bfloat16)
-    assert quantization._cpu_kernels, "loading a bf16 model on the CPU readies the kernel"
-    calls = []
-    kernels = quantization._cpu_kernels
-    monkeypatch.setattr(quantization, "_cpu_kernels", type("Counting", (), {
-        "bf16_linear": staticmethod(lambda *a: calls.append("linear") or kernels.bf16_linear(*a)),
-        "decode_attention": staticmethod(lambda *a: calls.append("attention") or kernels.decode_attention(*a))})())
+    loaded = kernels.loaded_cpu_kernels()
+    assert loaded, "loading a bf16 model on the CPU readies the kernel"
+    calls, ops = [], loaded.ops
+    monkeypatch.setattr(loaded, "ops", type("Counting", (), {
+        "bf16_linear": staticmethod(lambda *a: calls.append("linear") or ops.bf16_linear(*a)),
+        "decode_attention": staticmethod(lambda *a: calls.append("attention") or ops.decode_attention(*a))})())
 
     def torch_matmul(**inputs):
         with monkeypatch.context() as m:
-            m.setattr(quantization, "FORCE_TORCH_FALLBACK", True)
+            m.setattr(kernels.settings, "torch_only", True)
             return model(**inputs)
 
     assert argmax_agreement(torch_matmul, model, tokenizer, load_corpus()[::4]) >= 0.99

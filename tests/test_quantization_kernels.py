@@ -4,19 +4,20 @@ import pytest
 import torch
 from torch import nn
 
+from chatglm_6b import kernels as kernel_module
 from chatglm_6b import quantization as Q
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    k = Q._load_cpu_kernels()
+    k = kernel_module.cpu_kernels()
     assert k, "C++ CPU kernel failed to compile/load"
-    return k
+    return k.ops
 
 
 @pytest.fixture
 def torch_fallback(monkeypatch):
-    monkeypatch.setattr(Q, "FORCE_TORCH_FALLBACK", True)
+    monkeypatch.setattr(kernel_module.settings, "torch_only", True)
 
 
 def reference(x, q, s, b, bits):
@@ -71,7 +72,7 @@ SHAPES = [(1, 4096, 4096), (1, 37, 130), (3, 50, 258), (7, 64, 1000), (16, 33, 1
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_kernel_matches_reference_fp32(kernels, monkeypatch, bits, M, N, K):
-    monkeypatch.setattr(Q, "INTEGER_ACTIVATIONS", False)  # the fp32 path (the only one of a scalar build)
+    monkeypatch.setattr(kernel_module.settings, "integer_activations", False)  # the fp32 path (the only one of a scalar build)
     torch.manual_seed(M * N + K)
     w, b = torch.randn(N, K), torch.randn(N)
     q, s = Q.quantize_weight(w, bits)
@@ -102,14 +103,14 @@ def same_quantization_reference(x, q, s, b, bits):
     """The integer path's arithmetic in torch: x rounded to int8 per block of the kernel's activation_block()
     values (scale absmax / 127)."""
     M, K = x.shape
-    block = Q._load_cpu_kernels().activation_block()
+    block = kernel_module.cpu_kernels().ops.activation_block()
     blocks = x.float().view(M, K // block, block)
     step = blocks.abs().amax(-1, keepdim=True) / 127
     xq = torch.where(step > 0, torch.round(blocks / step.clamp_min(1e-30)), torch.zeros_like(blocks))
     return reference((xq * step).view(M, K), q, s, b, bits)
 
 
-needs_integer_path = pytest.mark.skipif(not (Q._load_cpu_kernels() and Q._cpu_kernels.has_integer_path()),
+needs_integer_path = pytest.mark.skipif(not (kernel_module.cpu_kernels() and kernel_module.cpu_kernels().integer_path),
                                         reason="a build without AVX2 has no integer path")
 
 
@@ -262,25 +263,41 @@ def test_paged_attention_reads_each_querys_blocks(kernels, dtype, H, D, block):
         kernels.paged_attention(q, key_cache, value_cache, tables, rows_t, visible_t + max_blocks * block, 1.0)
 
 
-def test_float_linear_takes_the_kernel_only_where_it_applies(kernels, monkeypatch):
+def test_the_cpu_backend_takes_the_bf16_kernel_only_where_it_applies(kernels, monkeypatch):
     calls = []
-    monkeypatch.setattr(Q, "_cpu_kernels", type("Spy", (), {
-        "bf16_linear": staticmethod(lambda *a: calls.append(a) or kernels.bf16_linear(*a))})())
+    loaded = kernel_module.cpu_kernels()
+    spy = type("Spy", (), {"bf16_linear": staticmethod(lambda *a: calls.append(a) or kernels.bf16_linear(*a))})()
+    monkeypatch.setattr(loaded, "ops", spy)
+    linear = kernel_module.backend_for("cpu").linear
     torch.manual_seed(9)
     w, b = torch.randn(20, 64).bfloat16(), torch.randn(20).bfloat16()
     decode = torch.randn(2, 2, 64).bfloat16()  # 4 rows: the kernel's on every build
-    torch.testing.assert_close(Q.float_linear(decode, w, b), torch.nn.functional.linear(decode, w, b),
-                               rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(linear(decode, w, b), torch.nn.functional.linear(decode, w, b), rtol=2 ** -7, atol=1e-2)
     assert len(calls) == 1
-    Q.float_linear(torch.randn(Q._bf16_kernel_rows() + 1, 64).bfloat16(), w, b)  # prefill: torch's GEMM
-    Q.float_linear(decode.float(), w.float(), b.float())                     # fp32: torch
-    Q.float_linear(decode.clone().requires_grad_(), w, b)                    # training: torch (autograd)
+    linear(torch.randn(loaded.bf16_rows + 1, 64).bfloat16(), w, b)  # prefill: torch's GEMM
+    linear(decode.float(), w.float(), b.float())                     # fp32: torch
+    linear(decode.clone().requires_grad_(), w, b)                    # training: torch (autograd)
     with torch.no_grad():
-        Q.float_linear(decode.clone().requires_grad_(), w, b)                # no grad wanted: the kernel
+        linear(decode.clone().requires_grad_(), w, b)                # no grad wanted: the kernel
     assert len(calls) == 2
-    monkeypatch.setattr(Q, "_cpu_kernels", None)  # not loaded yet: never compiled inside a forward pass
-    Q.float_linear(decode, w, b)
-    assert Q._cpu_kernels is None and len(calls) == 2
+    monkeypatch.setattr(kernel_module._Build, "kernels", None)  # not loaded yet: never compiled inside a forward pass
+    linear(decode, w, b)
+    assert kernel_module._Build.kernels is None and len(calls) == 2
+    assert loaded.bf16_rows == (kernel_module.BF16_KERNEL_ROWS if loaded.bf16_dot else kernel_module.BF16_KERNEL_ROWS_WIDENING)
+
+
+def test_a_module_takes_the_backend_of_its_placement(monkeypatch):
+    from chatglm_6b.modeling_chatglm import Linear
+
+    backend_for = kernel_module.backend_for
+    assert isinstance(backend_for("cpu"), kernel_module.CpuBackend)
+    assert isinstance(backend_for("cuda"), kernel_module.CudaBackend) and backend_for("mps") is kernel_module.TORCH_BACKEND
+    layer = Linear(8, 4)
+    layer(torch.randn(1, 8))
+    assert layer._placed_backend[1] is backend_for("cpu")
+    monkeypatch.setattr(kernel_module.settings, "torch_only", True)  # CHATGLM_QUANT_FORCE_TORCH=1
+    layer(torch.randn(1, 8))
+    assert layer._placed_backend[1] is kernel_module.TORCH_BACKEND
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -323,7 +340,7 @@ def test_the_gpu_int8_op_matches_the_reference_on_the_cpu(dtype):
     torch.manual_seed(10)
     q, s = Q.quantize_weight(torch.randn(70, 256), 8)
     x, b = torch.randn(2, 3, 256).to(dtype), torch.randn(70).to(dtype)
-    y = Q.fused_int8_linear(x, q, s.to(dtype), b)
+    y = kernel_module.fused_int8_linear(x, q, s.to(dtype), b)
     assert y.dtype == dtype and y.shape == (2, 3, 70)
     ref = reference(x.reshape(-1, 256), q, s.to(dtype), b, 8).view(2, 3, 70)
     tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
@@ -351,7 +368,7 @@ def test_a_gpu_call_holds_a_bounded_transient(bits):
 @pytest.mark.parametrize("fallback", [False, True])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_gradient_to_input(kernels, monkeypatch, bits, fallback):
-    monkeypatch.setattr(Q, "FORCE_TORCH_FALLBACK", fallback)
+    monkeypatch.setattr(kernel_module.settings, "torch_only", fallback)
     torch.manual_seed(3)
     lin = Q.QuantizedLinear.from_linear(nn.Linear(130, 45).float(), bits)
     x = torch.randn(2, 3, 130, requires_grad=True)
@@ -500,12 +517,12 @@ def test_compile_failure_falls_back_with_one_warning(tmp_path):
 
     code = (
         "import logging, torch\n"
-        "from chatglm_6b import quantization as Q\n"
+        "from chatglm_6b import kernels as K, quantization as Q\n"
         "q, s = Q.quantize_weight(torch.randn(8, 16), 4)\n"
         "x = torch.randn(2, 16)\n"
         "y = Q.quantized_linear(x, q, s, None, 4); Q.quantized_linear(x, q, s, None, 4)\n"
         "torch.testing.assert_close(y, x @ Q.dequantize_weight(q, s, 4).T)\n"
-        "assert Q._cpu_kernels is False\n"
+        "assert K._Build.kernels is False\n"
     )
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="/nonexistent/c++")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -516,16 +533,14 @@ def test_compile_failure_falls_back_with_one_warning(tmp_path):
 
 
 def test_kernel_build_is_keyed_by_everything_that_changes_the_binary(monkeypatch):
-    from chatglm_6b import quantization as Q
-
     flags = ["-O3", "-march=native", "-fopenmp"]
-    tag = Q._build_tag(flags)
-    assert Q._build_tag(["-O3"]) != tag
-    monkeypatch.setattr(Q.torch, "__version__", "0.0.0-other")
-    assert Q._build_tag(flags) != tag
+    tag = kernel_module.build_tag(flags)
+    assert kernel_module.build_tag(["-O3"]) != tag
+    monkeypatch.setattr(kernel_module.torch, "__version__", "0.0.0-other")
+    assert kernel_module.build_tag(flags) != tag
     monkeypatch.undo()
-    monkeypatch.setattr(Q.sys, "version", "3.0 (another Python)")
-    assert Q._build_tag(flags) != tag
+    monkeypatch.setattr(kernel_module.sys, "version", "3.0 (another Python)")
+    assert kernel_module.build_tag(flags) != tag
 
 
 def test_the_kernel_is_ready_when_loading_returns(monkeypatch, caplog):
@@ -533,15 +548,14 @@ def test_the_kernel_is_ready_when_loading_returns(monkeypatch, caplog):
     not inside the first reply."""
     import logging
 
-    from chatglm_6b import quantization as Q
     from runtime.loading import load_model_and_tokenizer
 
-    monkeypatch.setattr(Q, "_cpu_kernels", None)
-    with caplog.at_level(logging.WARNING, logger=Q.logger.name):
+    monkeypatch.setattr(kernel_module._Build, "kernels", None)
+    with caplog.at_level(logging.WARNING, logger=kernel_module.logger.name):
         load_model_and_tokenizer(device="cpu", quantize=8)
-    assert Q._cpu_kernels is not None  # decided before any forward pass
+    assert kernel_module._Build.kernels is not None  # decided before any forward pass
     assert "loading the INT8/INT4/bf16 CPU kernel" in caplog.text
-    if Q._cpu_kernels:
+    if kernel_module._Build.kernels:
         assert "CPU kernel ready" in caplog.text
 
 
@@ -550,14 +564,13 @@ def test_model_quantize_on_cpu_readies_the_kernel(monkeypatch, caplog):
     returns."""
     import logging
 
-    from chatglm_6b import quantization as Q
     from runtime.loading import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(device="cpu")
-    monkeypatch.setattr(Q, "_cpu_kernels", None)
-    with caplog.at_level(logging.WARNING, logger=Q.logger.name):
+    monkeypatch.setattr(kernel_module._Build, "kernels", None)
+    with caplog.at_level(logging.WARNING, logger=kernel_module.logger.name):
         model.quantize(4)
-    assert Q._cpu_kernels is not None and "loading the INT8/INT4/bf16 CPU kernel" in caplog.text
+    assert kernel_module._Build.kernels is not None and "loading the INT8/INT4/bf16 CPU kernel" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -572,14 +585,18 @@ def cpu_flags() -> set:
 
 
 def test_the_build_has_the_simd_it_was_asked_for(kernels):
-    simd = kernels.simd()
-    if Q.CPU_ISA == "scalar":
-        assert simd.startswith("scalar") and not kernels.has_integer_path() and "bf16 weights with fp32 FMA" in simd
-    elif Q.CPU_ISA == "avx2":
-        assert simd.startswith("AVX2, int8 activations with AVX2,") and "bf16 weights with fp32 FMA" in simd
+    """The build reports what it can do (typed flags), and the log line names its SIMD paths."""
+    loaded = kernel_module.cpu_kernels()
+    simd = loaded.simd
+    if kernel_module.settings.isa == "scalar":
+        assert simd.startswith("scalar") and not loaded.integer_path and not loaded.bf16_dot
+    elif kernel_module.settings.isa == "avx2":
+        assert simd.startswith("AVX2, int8 activations with AVX2,") and loaded.integer_path and not loaded.bf16_dot
     elif {"avx512_vnni", "avx512bw", "avx512_bf16"} <= cpu_flags():  # native, on this kind of CPU
         assert simd == "AVX-512, int8 activations with AVX512-VNNI, bf16 weights with AVX512-BF16"
-    assert simd in Q._cpu_kernel_build or Q._cpu_kernel_build == ""  # the log line says which path runs
+        assert loaded.integer_path and loaded.bf16_dot
+    assert loaded.bf16_dot == ("bf16 weights with AVX512-BF16" in simd)
+    assert simd in loaded.description  # the log line says which path runs
 
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
@@ -590,7 +607,7 @@ def test_the_narrower_builds_pass_the_same_tests(isa):
     import subprocess
     import sys
 
-    if Q.CPU_ISA != "native":
+    if kernel_module.settings.isa != "native":
         pytest.skip("already a narrower build")
     if isa == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
         pytest.skip("this CPU has no AVX2")

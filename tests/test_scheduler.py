@@ -135,10 +135,9 @@ def test_attention_by_kernel_and_by_gathering_agree(dtype, monkeypatch):
     """PagedKVCache.attend: a prompt slice (many queries of one sequence) by SDPA on its gathered keys, decoding
     queries by the kernel; without the kernel (GPUs, no compiler) everything is gathered. All give the kernel's
     result for every query."""
-    from chatglm_6b import quantization
+    from chatglm_6b import kernels as K
 
-    kernels = quantization._load_cpu_kernels()
-    assert kernels
+    kernels = K.cpu_kernels().ops
     torch.manual_seed(0)
     kv = PagedKVCache(1, 4, 16, 12, dtype, "cpu", block_size=4)
     kv.keys[0].normal_()
@@ -151,5 +150,5 @@ def test_attention_by_kernel_and_by_gathering_agree(dtype, monkeypatch):
                                     torch.tensor(visible, dtype=torch.int32), kv.scale)
     tolerance = {"rtol": 2 ** -7, "atol": 1e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(kv.attend(0, q, tables, SeenKeys(rows, visible)), every, **tolerance)
-    monkeypatch.setattr(quantization, "FORCE_TORCH_FALLBACK", True)
+    monkeypatch.setattr(K.settings, "torch_only", True)
     torch.testing.assert_close(kv.attend(0, q, tables, SeenKeys(rows, visible)), every, **tolerance)

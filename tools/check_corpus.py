@@ -16,6 +16,7 @@ import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from chatglm_6b.modeling_chatglm import process_response  # noqa: E402  (the chat code's own post-processing)
 from runtime import ROOT  # noqa: E402
 
 DEFAULT_DIR = os.path.join(ROOT, "data", "demo_corpus")
@@ -45,17 +46,6 @@ REQUIRED_PROMPTS = [
     "Who are you?", "你能做什么", "晚上睡不着应该怎么办",
 ]
 MIN_FEATURES = {"list": 12, "code": 8, "latex": 4, "table": 2}
-
-
-def process_response(response):
-    """Same post-processing as the chat code applies to generated text."""
-    response = response.strip()
-    response = response.replace("[[训练时间]]", "2023年")
-    punkts = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")]
-    for en, zh in punkts:
-        response = re.sub(r"([\u4e00-\u9fff])%s" % en, r"\1%s" % zh, response)
-        response = re.sub(r"%s([\u4e00-\u9fff])" % en, r"%s\1" % zh, response)
-    return response
 
 
 def is_cjk(ch):

@@ -9,7 +9,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from runtime.loading import DEMO_MODEL_PATH, copy_model_code  # noqa: E402
+from runtime.loading import DEMO_MODEL_PATH  # noqa: E402
+from runtime.saving import copy_model_code  # noqa: E402
 
 if __name__ == "__main__":
     copy_model_code(sys.argv[1] if len(sys.argv) > 1 else DEMO_MODEL_PATH)

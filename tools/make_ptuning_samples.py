@@ -149,92 +149,110 @@ def size_for(h, w):
     return sizes[min(i, len(sizes) - 1)]
 
 
+# Each flow: the shop's answers to a few questions asked one after another; each turn is (the ways a customer asks,
+# the answer), filled in with the flow's draws.
+LOGISTICS = [
+    (["我的订单{oid}到哪了？", "帮我查下订单{oid}的物流", "订单{oid}怎么还没到？"],
+     "订单{oid}已由{courier}发出，目前在{city}转运中心，预计{days}天内送达，请耐心等待。"),
+    (["能指定送货时间吗？", "可以约个时间送吗？"],
+     "快递员派送前会电话联系您，您可以和快递员约定方便的时间，也可以放到附近代收点。"),
+    (["还能改收货地址吗？", "我想换个地址收货"],
+     "包裹已经发出，后台无法修改地址，您可以联系{courier}客服申请改派，我们也会帮您备注。"),
+    (["要是一直没到怎么办？", "超时没送到能赔吗？"],
+     "超过{late}天仍未送达请联系我们，我们会向{courier}核实，确认丢件会为您补发或全额退款。"),
+]
+RETURN = [
+    (["我买的{item}不太合适，能退吗？", "{item}想退货可以吗？", "收到的{item}不喜欢，怎么退？"],
+     "可以的，签收后7天内且不影响二次销售的商品支持无理由退货，请在订单页点击申请退货。"),
+    (["退货运费谁出？", "寄回去的运费要我付吗？"],
+     "质量问题退货运费由我们承担；非质量问题需要您承担寄回运费，购买了运费险可自动理赔。"),
+    (["退款多久到账？", "钱什么时候退回来？"],
+     "仓库收到退货并验收后1到3个工作日内原路退款，银行卡可能稍有延迟，请留意账户。"),
+    (["吊牌已经剪了还能退吗？", "穿过一次还能退吗？"],
+     "很抱歉，吊牌已剪或穿着过的{item}会影响二次销售，无法办理无理由退货，质量问题除外。"),
+]
+SIZE = [
+    (["我身高{h}厘米，体重{w}公斤，{item}穿什么码？", "{h}厘米{w}公斤，这款{item}选哪个码？"],
+     "根据您的身高体重，这款{item}建议选择{size}码，如果喜欢宽松一点可以选大一码。"),
+    (["会缩水吗？", "洗了会不会变小？"],
+     "这款{item}出厂前做过预缩处理，建议冷水手洗或轻柔机洗，正常洗涤基本不会缩水。"),
+    (["码数不合适可以换吗？", "{size}码穿着小了能换吗？"],
+     "可以换码，签收后7天内在订单页申请换货即可，首次换码的寄回运费由我们承担。"),
+]
+CANCEL = [
+    (["订单{oid}能取消吗？", "我想取消订单{oid}", "刚下的单{oid}不想要了"],
+     "订单还未发货，可以在订单详情页直接点击取消，款项会在1到3个工作日内原路退回。"),
+    (["那我不取消了，{item}能改成{color}吗？", "能把{item}换成{color}再发吗？"],
+     "可以的，已为您把订单里的{item}备注为{color}，仓库会按新颜色发货，请放心。"),
+    (["今天能发货吗？", "大概什么时候发货？"],
+     "下午4点前付款的订单当天发出，之后的订单次日发出，发货后会短信通知您物流单号。"),
+]
+DEFECT = [
+    (["收到的{item}有{defect}，怎么办？", "{item}刚到就发现{defect}"],
+     "非常抱歉给您带来不便，请拍照上传到售后申请页，我们核实后为您免费换新或退款。"),
+    (["需要我寄回去吗？", "东西要退回去吗？"],
+     "需要的，审核通过后系统会为您预约上门取件，运费由我们承担，您不用垫付。"),
+    (["换新的多久能到？", "重新发货要多久？"],
+     "仓库收到退回的{item}后24小时内为您补发新品，一般2到4天就能送到。"),
+]
+INVOICE = [
+    (["能开发票吗？", "可以开发票吗？", "买东西有发票吗？"],
+     "可以开具电子普通发票，确认收货后在订单详情页点击申请开票，填写抬头和税号即可。"),
+    (["发票多久能开好？", "开票要等多久？"],
+     "提交申请后一般1到2个工作日开具，会发送到您填写的邮箱，也可以在订单页下载。"),
+    (["抬头填错了能改吗？", "发票信息写错了怎么办？"],
+     "可以的，在订单页申请重开发票并填写正确信息，原发票会自动作废，无需寄回。"),
+]
+COUPON = [
+    (["优惠券怎么用不了？", "我的券为什么不能用？"],
+     "这张券是满{full}减{cut}的，订单金额需要达到{full}元且商品参与活动才能使用。"),
+    (["几张券能一起用吗？", "优惠券可以叠加吗？"],
+     "同一订单只能使用一张店铺优惠券，但可以和平台满减活动叠加使用，结算时会自动计算。"),
+    (["退货后券还能用吗？", "退款了优惠券会退回吗？"],
+     "整单退货且券还在有效期内的，优惠券会自动退回您的账户；部分退货的优惠券不退回。"),
+]
+
+
+def turns(rng, flow, **draws):
+    """A flow's (question, answer) turns: one way of asking each, both filled in with the draws."""
+    return [(rng.choice(questions).format(**draws), answer.format(**draws)) for questions, answer in flow]
+
+
+def order_id(rng):
+    return f"LX{rng.randint(10000000, 99999999)}"
+
+
 def flow_logistics(rng):
-    oid, c, city, days = f"LX{rng.randint(10000000, 99999999)}", rng.choice(COURIERS), rng.choice(CITIES), rng.randint(1, 3)
-    return [
-        (rng.choice([f"我的订单{oid}到哪了？", f"帮我查下订单{oid}的物流", f"订单{oid}怎么还没到？"]),
-         f"订单{oid}已由{c}发出，目前在{city}转运中心，预计{days}天内送达，请耐心等待。"),
-        (rng.choice(["能指定送货时间吗？", "可以约个时间送吗？"]),
-         "快递员派送前会电话联系您，您可以和快递员约定方便的时间，也可以放到附近代收点。"),
-        (rng.choice(["还能改收货地址吗？", "我想换个地址收货"]),
-         f"包裹已经发出，后台无法修改地址，您可以联系{c}客服申请改派，我们也会帮您备注。"),
-        (rng.choice(["要是一直没到怎么办？", "超时没送到能赔吗？"]),
-         f"超过{days + 3}天仍未送达请联系我们，我们会向{c}核实，确认丢件会为您补发或全额退款。"),
-    ]
+    oid, courier, city, days = order_id(rng), rng.choice(COURIERS), rng.choice(CITIES), rng.randint(1, 3)
+    return turns(rng, LOGISTICS, oid=oid, courier=courier, city=city, days=days, late=days + 3)
 
 
 def flow_return(rng):
-    item = rng.choice(ITEMS)
-    return [
-        (rng.choice([f"我买的{item}不太合适，能退吗？", f"{item}想退货可以吗？", f"收到的{item}不喜欢，怎么退？"]),
-         "可以的，签收后7天内且不影响二次销售的商品支持无理由退货，请在订单页点击申请退货。"),
-        (rng.choice(["退货运费谁出？", "寄回去的运费要我付吗？"]),
-         "质量问题退货运费由我们承担；非质量问题需要您承担寄回运费，购买了运费险可自动理赔。"),
-        (rng.choice(["退款多久到账？", "钱什么时候退回来？"]),
-         "仓库收到退货并验收后1到3个工作日内原路退款，银行卡可能稍有延迟，请留意账户。"),
-        (rng.choice(["吊牌已经剪了还能退吗？", "穿过一次还能退吗？"]),
-         f"很抱歉，吊牌已剪或穿着过的{item}会影响二次销售，无法办理无理由退货，质量问题除外。"),
-    ]
+    return turns(rng, RETURN, item=rng.choice(ITEMS))
 
 
 def flow_size(rng):
     item, h, w = rng.choice(ITEMS[:7]), rng.randint(150, 185), rng.randint(40, 85)
-    s = size_for(h, w)
-    return [
-        (rng.choice([f"我身高{h}厘米，体重{w}公斤，{item}穿什么码？", f"{h}厘米{w}公斤，这款{item}选哪个码？"]),
-         f"根据您的身高体重，这款{item}建议选择{s}码，如果喜欢宽松一点可以选大一码。"),
-        (rng.choice(["会缩水吗？", "洗了会不会变小？"]),
-         f"这款{item}出厂前做过预缩处理，建议冷水手洗或轻柔机洗，正常洗涤基本不会缩水。"),
-        (rng.choice(["码数不合适可以换吗？", f"{s}码穿着小了能换吗？"]),
-         "可以换码，签收后7天内在订单页申请换货即可，首次换码的寄回运费由我们承担。"),
-    ]
+    return turns(rng, SIZE, item=item, h=h, w=w, size=size_for(h, w))
 
 
 def flow_cancel(rng):
-    oid, color, item = f"LX{rng.randint(10000000, 99999999)}", rng.choice(COLORS), rng.choice(ITEMS)
-    return [
-        (rng.choice([f"订单{oid}能取消吗？", f"我想取消订单{oid}", f"刚下的单{oid}不想要了"]),
-         "订单还未发货，可以在订单详情页直接点击取消，款项会在1到3个工作日内原路退回。"),
-        (rng.choice([f"那我不取消了，{item}能改成{color}吗？", f"能把{item}换成{color}再发吗？"]),
-         f"可以的，已为您把订单里的{item}备注为{color}，仓库会按新颜色发货，请放心。"),
-        (rng.choice(["今天能发货吗？", "大概什么时候发货？"]),
-         "下午4点前付款的订单当天发出，之后的订单次日发出，发货后会短信通知您物流单号。"),
-    ]
+    oid, color, item = order_id(rng), rng.choice(COLORS), rng.choice(ITEMS)
+    return turns(rng, CANCEL, oid=oid, color=color, item=item)
 
 
 def flow_defect(rng):
     item, defect = rng.choice(ITEMS), rng.choice(DEFECTS)
-    return [
-        (rng.choice([f"收到的{item}有{defect}，怎么办？", f"{item}刚到就发现{defect}"]),
-         "非常抱歉给您带来不便，请拍照上传到售后申请页，我们核实后为您免费换新或退款。"),
-        (rng.choice(["需要我寄回去吗？", "东西要退回去吗？"]),
-         "需要的，审核通过后系统会为您预约上门取件，运费由我们承担，您不用垫付。"),
-        (rng.choice(["换新的多久能到？", "重新发货要多久？"]),
-         f"仓库收到退回的{item}后24小时内为您补发新品，一般2到4天就能送到。"),
-    ]
+    return turns(rng, DEFECT, item=item, defect=defect)
 
 
 def flow_invoice(rng):
-    return [
-        (rng.choice(["能开发票吗？", "可以开发票吗？", "买东西有发票吗？"]),
-         "可以开具电子普通发票，确认收货后在订单详情页点击申请开票，填写抬头和税号即可。"),
-        (rng.choice(["发票多久能开好？", "开票要等多久？"]),
-         "提交申请后一般1到2个工作日开具，会发送到您填写的邮箱，也可以在订单页下载。"),
-        (rng.choice(["抬头填错了能改吗？", "发票信息写错了怎么办？"]),
-         "可以的，在订单页申请重开发票并填写正确信息，原发票会自动作废，无需寄回。"),
-    ]
+    return turns(rng, INVOICE)
 
 
 def flow_coupon(rng):
     full, cut = rng.choice([(99, 10), (199, 20), (299, 40), (399, 60)])
-    return [
-        (rng.choice(["优惠券怎么用不了？", "我的券为什么不能用？"]),
-         f"这张券是满{full}减{cut}的，订单金额需要达到{full}元且商品参与活动才能使用。"),
-        (rng.choice(["几张券能一起用吗？", "优惠券可以叠加吗？"]),
-         "同一订单只能使用一张店铺优惠券，但可以和平台满减活动叠加使用，结算时会自动计算。"),
-        (rng.choice(["退货后券还能用吗？", "退款了优惠券会退回吗？"]),
-         "整单退货且券还在有效期内的，优惠券会自动退回您的账户；部分退货的优惠券不退回。"),
-    ]
+    return turns(rng, COUPON, full=full, cut=cut)
 
 
 FLOWS = [flow_logistics, flow_return, flow_size, flow_cancel, flow_defect, flow_invoice, flow_coupon]

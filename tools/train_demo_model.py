@@ -21,7 +21,8 @@ from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from chatglm_6b.modeling_chatglm import ChatGLMForConditionalGeneration, build_prompt  # noqa: E402
 from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer, glm_training_labels  # noqa: E402
 from runtime import ROOT  # noqa: E402
-from runtime.loading import DEMO_MODEL_PATH, load_model_and_tokenizer, save_checkpoint  # noqa: E402
+from runtime.loading import DEMO_MODEL_PATH, load_model_and_tokenizer  # noqa: E402
+from runtime.saving import save_checkpoint  # noqa: E402
 from tools.ice_tokenizer import train_ice_tokenizer  # noqa: E402
 
 CORPUS_DIR = os.path.join(ROOT, "data", "demo_corpus")
