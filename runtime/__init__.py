@@ -9,10 +9,13 @@
       scheduler.py  its scheduler: step budget, admission, preemption, layer-major prefill slices
       kv_cache.py   its paged KV cache, allocated once from a memory budget, and the attention that reads it
       runner.py     its runner: one step through the model's layers
-      sampling.py   the next token as chat() picks it
+      sampling.py   the next token as chat() picks it, with OpenAI's penalties, logit_bias and logprobs
+      grammar.py    constrained decoding: the tokens a JSON schema allows next (llguidance)
     generation.py   token ids -> the text a user sees, incrementally (decoding, post-processing, stop strings)
     metrics.py      what a serving process reports at GET /metrics
     server.py       HTTP serving: OpenAI's error shape, guards before a body is read, graceful shutdown
+    openai_api.py   OpenAI's request and response bodies, its messages as ChatGLM's, logprobs in its two shapes
+    chat_service.py what api.py's routes run: requests -> jobs -> engine rows -> response bodies and events
     ray_serving.py  replicas of api.py's app on Ray Serve
 
 Data flows one way: front-end script -> options -> loading -> chatglm_6b -> transformers/torch.

@@ -31,7 +31,7 @@ from chatglm_6b.tokenization_chatglm import glm_context_length
 from .generation import TextStream
 from .kv_cache import PagedKVCache, default_budget
 from .runner import ModelRunner
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, TokenLogprobs, sample
 from .scheduler import Scheduler, Sequence, Step, StepBudget
 
 logger = logging.getLogger("engine")
@@ -54,10 +54,12 @@ class DoesNotFit(ValueError):
 
 @dataclass
 class Delta:
-    """What one generated token adds to a reply: the token and the text it makes visible (often ""). The text that
-    is still pending when a reply ends comes last, with no token."""
+    """What one generated token adds to a reply: the token and the text it makes visible (often ""), and its
+    logprobs if the request asked for them. The text that is still pending when a reply ends comes last, with no
+    token."""
     token: Optional[int]
     text: str
+    logprobs: Optional[TokenLogprobs] = None
 
 
 class Reply:
@@ -94,9 +96,9 @@ class Reply:
             self.on_cancel(self)
 
     # ---- called by the engine thread ----
-    def _token(self, token: int, text: str) -> None:
+    def _token(self, token: int, text: str, logprobs: Optional[TokenLogprobs]) -> None:
         self.tokens.append(token)
-        if not self.deltas.put(Delta(token, text)):  # the consumer's event loop has closed: nobody is listening
+        if not self.deltas.put(Delta(token, text, logprobs)):  # the consumer's event loop has closed
             self.cancel()
 
     def _finish(self, reason: Optional[str], error: Optional[BaseException] = None) -> None:
@@ -178,10 +180,12 @@ class GenerationEngine:
 
     def submit(self, prompt_ids: List[int], max_length: int, do_sample: bool = False, temperature: float = 1.0,
                top_p: float = 1.0, loop: Optional[asyncio.AbstractEventLoop] = None, seed: Optional[int] = None,
-               stops: Seq[str] = ()) -> Reply:
+               stops: Seq[str] = (), raw_text: bool = False, **options) -> Reply:
         """Queues a request: prompt_ids as chat() encodes them, max_length counting prompt and reply (capped at
-        the model's context), stops the strings that end the reply's text. Raises QueueFull, EngineClosed, or
-        DoesNotFit for a prompt that leaves no room for a reply or that the cache can never hold."""
+        the model's context), stops the strings that end the reply's text, options SamplingParams' others
+        (presence_penalty, frequency_penalty, logit_bias, logprobs, grammar). The reply's text is chat()'s
+        (process_response), or with raw_text the tokens as decoded. Raises QueueFull, EngineClosed, or DoesNotFit
+        for a prompt that leaves no room for a reply or that the cache can never hold."""
         max_length = min(max_length, self.context)
         if not prompt_ids or len(prompt_ids) >= max_length:
             raise DoesNotFit(f"the prompt is {len(prompt_ids)} tokens and leaves no room for a reply within "
@@ -189,8 +193,8 @@ class GenerationEngine:
         if not self.scheduler.fits(len(prompt_ids), self.prefix_length):
             raise DoesNotFit(f"the prompt is {len(prompt_ids)} tokens and the KV cache holds {self.cache.tokens} "
                              "(--kv-cache-gb)")
-        reply = Reply(prompt_ids, max_length, SamplingParams(do_sample, temperature, top_p), seed,
-                      TextStream(self.tokenizer, stops), loop)
+        reply = Reply(prompt_ids, max_length, SamplingParams(do_sample, temperature, top_p, **options), seed,
+                      TextStream(self.tokenizer, stops, processed=not raw_text), loop)
         with self.lock:
             if not self.alive:
                 raise EngineClosed("the server is shutting down: this request was not started")
@@ -300,7 +304,7 @@ class GenerationEngine:
         started = time.perf_counter()
         try:
             rows = step.decode + step.completing
-            tokens = sample(self.runner.run(step), [s.reply.sampling for s in rows]).tolist()
+            picks = self._sample(self.runner.run(step), rows)
         except Exception as error:  # noqa: BLE001 (the step's requests fail; the engine keeps serving)
             self._isolate(step, error)
             return
@@ -309,7 +313,12 @@ class GenerationEngine:
             sequence.computed += 1
         for sequence in step.completing:
             sequence.computed, sequence.workspace = sequence.prefill_length, None
-        self._deliver(rows, tokens)
+        self._deliver(rows, *picks)
+
+    def _sample(self, logits, sequences: List[Sequence]):
+        # the generated tokens only of the rows whose penalties count them (a copy per row per step otherwise)
+        generated = [s.tokens[s.prompt_length:] if s.reply.sampling.adjusts_scores else None for s in sequences]
+        return sample(logits, [s.reply.sampling for s in sequences], generated)
 
     def _isolate(self, step: Step, error: BaseException) -> None:
         """A step failed: the prefills in it fail (their buffers are spent), and the decoding rows are run again,
@@ -328,7 +337,7 @@ class GenerationEngine:
                 continue
             try:
                 retry = Step(decode=group, segments=[], completing=[], units=0)
-                tokens = sample(self.runner.run(retry), [s.reply.sampling for s in group]).tolist()
+                picks = self._sample(self.runner.run(retry), group)
             except Exception as again:  # noqa: BLE001
                 if len(group) == 1:
                     logger.exception("a request's decoding step failed alone: it ends with the error", exc_info=again)
@@ -338,22 +347,24 @@ class GenerationEngine:
             for sequence in group:
                 sequence.computed += 1
                 pending.remove(sequence)
-            self._deliver(group, tokens)
+            self._deliver(group, *picks)
 
-    def _deliver(self, sequences: List[Sequence], tokens: List[int]) -> None:
-        for sequence, token in zip(sequences, tokens):
+    def _deliver(self, sequences: List[Sequence], tokens: List[int], logprobs: List[Optional[TokenLogprobs]]) -> None:
+        for sequence, token, token_logprobs in zip(sequences, tokens, logprobs):
             reply = sequence.reply
             if reply.cancelled:
                 continue
             sequence.tokens.append(token)
             end = token in self.eos_ids
             try:
+                if reply.sampling.grammar is not None:
+                    reply.sampling.grammar.accept(token)
                 text = "" if end else reply.stream.push(token)
             except Exception as error:  # noqa: BLE001 (e.g. an id the tokenizer cannot decode: this reply fails)
                 logger.exception("a reply's text failed: it ends with the error")
                 self._end(sequence, None, error)
                 continue
-            reply._token(token, text)
+            reply._token(token, text, token_logprobs)
             if end or reply.stream.stopped:
                 self._end(sequence, "stop")
             elif len(sequence.tokens) >= reply.max_length:

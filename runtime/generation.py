@@ -113,6 +113,11 @@ class ResponseStream:
     def processed(piece: str) -> str:
         return process_response(SHIELD + piece + SHIELD)[1:-1] if piece else ""
 
+    @staticmethod
+    def ending(rest: str) -> str:
+        """The reply's last text as process_response ends it: without trailing whitespace."""
+        return rest.rstrip()
+
     def _last_safe_cut(self) -> int:
         text, placeholder = self.pending, TRAINING_TIME_PLACEHOLDER
         for cut in range(len(text) - len(placeholder) + 1, 0, -1):
@@ -126,19 +131,45 @@ class ResponseStream:
         return 0
 
 
+class RawStream:
+    """ResponseStream's interface for text shown as decoded: every piece is final at once."""
+
+    def append(self, raw: str) -> str:
+        return raw
+
+    def tentative(self) -> str:
+        return ""
+
+    def finish(self) -> str:
+        return ""
+
+    @staticmethod
+    def ending(rest: str) -> str:
+        return rest
+
+
 def earliest_stop(text: str, stops: Sequence[str], start: int = 0) -> Optional[Tuple[int, int]]:
     """(start, end) of the stop string that ends first in text[start:] (of those, the one starting first)."""
     found = [(i + len(stop), i) for stop in stops if (i := text.find(stop, start)) >= 0]
     return (min(found)[1], min(found)[0]) if found else None
 
 
+def shown_forms(stop: str) -> List[str]:
+    """A stop string as it may appear in the text the user is shown: as written and, if it has ASCII marks that
+    process_response makes full-width next to Chinese, with them full-width (the model wrote the ASCII mark)."""
+    full_width = "".join(CHINESE_PUNCTUATION.get(char, char) for char in stop)
+    return [stop] if full_width == stop else [stop, full_width]
+
+
 class TextStream:
     """A reply's token ids in, the text its user is shown out (see the module's docstring). End tokens are not
-    pushed. `text` is everything shown so far; `stopped` tells that a stop string ended the reply."""
+    pushed. `text` is everything shown so far; `stopped` tells that a stop string ended the reply. processed=False
+    gives the text as decoded, without process_response (raw completions, JSON)."""
 
-    def __init__(self, tokenizer, stops: Sequence[str] = ()):
-        self.detokenizer, self.response = Detokenizer(tokenizer), ResponseStream()
-        self.stops = [stop for stop in stops if stop]
+    def __init__(self, tokenizer, stops: Sequence[str] = (), processed: bool = True):
+        self.detokenizer = Detokenizer(tokenizer)
+        self.response = ResponseStream() if processed else RawStream()
+        self.stops = [form for stop in stops if stop for form in (shown_forms(stop) if processed else [stop])]
         self.lookback = max((len(stop) for stop in self.stops), default=1) - 1
         self.unsent = ""  # processed, final, not shown yet (held back: trailing whitespace, a partial stop)
         self.ahead = 0  # characters of response.tentative() already shown
@@ -163,7 +194,7 @@ class TextStream:
             return ""
         self._confirm(self.response.append(self.detokenizer.flush()))
         self._confirm(self.response.finish())
-        return self._show(self.unsent.rstrip(), final=True)
+        return self._show(self.response.ending(self.unsent), final=True)
 
     def _confirm(self, piece: str) -> None:
         skipped = min(self.ahead, len(piece))  # shown already, as part of the tentative text
@@ -186,3 +217,19 @@ class TextStream:
             self.shown.append(shown)
             self.recent = (self.recent + shown)[-self.lookback:] if self.lookback else ""
         return shown
+
+
+# ---- text -> token ids ---------------------------------------------------------------------------------
+
+def text_ids(tokenizer, text: str) -> List[int]:
+    """Ids of `text` as it appears inside a reply (no special tokens). SentencePiece puts a space before a text's
+    first piece, so the text is encoded after a newline (a piece of its own) and what comes before it is dropped."""
+    sp = tokenizer.sp_tokenizer
+    ids = [sp[piece] for piece in sp.tokenize("\n" + text)]
+    return ids[ids.index(sp["<n>"]) + 1:]
+
+
+def prompt_ending(tokenizer, ids: List[int]) -> List[int]:
+    """Token ids of a prompt ending as chat()'s prompts end, with [gMASK] <sop> (added unless already there)."""
+    ending = [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+    return ids if ids[-2:] == ending else ids + ending

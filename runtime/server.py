@@ -32,8 +32,8 @@ class ErrorResponse(BaseModel):
 
 
 def error_response(status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
-                   headers=None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param))
+                   headers=None, code: Optional[str] = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -41,9 +41,10 @@ class ApiError(Exception):
     """A request the server answers with an error in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
-                 headers: Optional[Dict[str, str]] = None):
+                 headers: Optional[Dict[str, str]] = None, code: Optional[str] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+        self.code = code  # OpenAI's machine-readable reason (context_length_exceeded, model_not_found)
 
 
 class ClientGone(Exception):
@@ -76,7 +77,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        return error_response(error.status, error.message, error.param, error.kind, headers=error.headers)
+        return error_response(error.status, error.message, error.param, error.kind, error.headers, error.code)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, error: ClientGone):  # nobody reads it; logged and counted as such

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from chatglm_6b.modeling_chatglm import process_response
+from chatglm_6b.modeling_chatglm import CHINESE_PUNCTUATION, process_response
 from chatglm_6b.tokenization_chatglm import ChatGLMTokenizer
 from conftest import ROOT
 from runtime.generation import Detokenizer, ResponseStream, TextStream, earliest_stop, stable_prefix
@@ -29,8 +29,10 @@ def corpus_replies():
 
 
 def expected(tokenizer, ids, stops):
-    """The whole reply processed at once; with stops, cut before the stop that is complete first."""
+    """The whole reply processed at once; with stops, cut before the stop that is complete first, a stop being
+    found as written or with its ASCII marks as process_response shows them (full-width)."""
     whole = process_response(tokenizer.decode(ids))
+    stops = list(stops) + [stop.translate(str.maketrans(CHINESE_PUNCTUATION)) for stop in stops]
     for end in range(1, len(whole) + 1):
         hit = earliest_stop(whole[:end], stops)
         if hit:
@@ -68,12 +70,15 @@ def test_the_stream_equals_processing_the_whole_reply(tokenizer):
         assert (text, stream.text, stream.stopped) == (want, want, stopped), (ids, stops)
 
 
-def test_stop_strings_match_the_text_the_user_sees(tokenizer):
-    """The raw reply has an ASCII '!' after Chinese; the user sees '！', and that is what a stop string matches."""
+def test_stop_strings_match_the_text_the_user_sees_and_the_raw_text(tokenizer):
+    """The raw reply has an ASCII '!' after Chinese; the user sees '！': a stop string matches either."""
     ids = tokenizer("你好!我是 ChatGLM", add_special_tokens=False)["input_ids"]
     assert streamed(tokenizer, ids, ["！"])[0] == "你好"
     assert streamed(tokenizer, ids, ["我是"])[0] == "你好！"
-    assert streamed(tokenizer, ids, ["!"])[0] == "你好！我是 ChatGLM"  # no ASCII '!' is shown
+    assert streamed(tokenizer, ids, ["!"])[0] == "你好"  # the raw text's mark
+    assert streamed(tokenizer, ids, ["!我"])[0] == "你好"
+    plain = TextStream(tokenizer, ["!"], processed=False)  # raw text (completions, JSON): matched as written only
+    assert "".join(plain.push(token) for token in ids) + plain.finish() == "你好"
 
 
 def test_text_shows_as_soon_as_it_cannot_change(tokenizer):
