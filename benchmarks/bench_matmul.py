@@ -1,9 +1,12 @@
 """Linear-layer speed on CPU: float weights vs the int8/int4 kernels of chatglm_6b/kernels.py.
 
-For each weight shape [out, in] and number of input rows M (1 = decode, 16 = small prefill) it prints
-ms per call, the weight bytes streamed per second, that rate as a fraction of the measured memory read
-bandwidth (the roofline of a weight-streaming GEMV) and the speed-up over fp32 F.linear measured in the
-same run. By default every call uses a different copy of the weight and the copies together exceed
+It first measures the machine's compute peak on all threads: tight loops of the kernel build's int8
+instruction (vpdpbusd with AVX512-VNNI), its bf16 one (vdpbf16ps) and fp32 FMAs. For each weight shape
+[out, in] and number of input rows M (1 = decode, 16 = batched steps, 128 = prefill) it prints ms per call,
+the weight bytes streamed per second and that rate as a fraction of the measured memory read bandwidth (the
+roofline of a weight-streaming GEMV), the multiply-accumulates per second and that rate as a fraction of the
+peak of the arithmetic the method runs (the roofline of a compute-bound GEMM), and the speed-up over fp32
+F.linear measured in the same run. By default every call uses a different copy of the weight and the copies together exceed
 --ws-mb, so weights come from DRAM as in real decoding (a 6B model does not fit in any cache); --hot
 reuses one weight (cache resident, flatters small weights).
 
@@ -45,6 +48,16 @@ def timeit(fn, weights, seconds, batches=5):
             calls, i = calls + 1, i + 1
         best = min(best, (time.perf_counter() - t0) / calls)
     return best
+
+
+# The arithmetic each method runs, whose peak its GEMM rate is measured against.
+ARITHMETIC = {"ours int8 (int8 x)": "int8", "ours int4 (int8 x)": "int8", "bf16 F.linear": "bf16", "ours bf16": "bf16",
+              "torch._weight_int8pack_mm (bf16 x)": "bf16"}
+
+
+def peaks(kernels, iterations=5_000_000, repeats=3):
+    """kind -> the best of a few peak_macs runs, multiply-accumulates per second."""
+    return {kind: max(kernels.peak_macs(kind, iterations) for _ in range(repeats)) for kind in ("int8", "bf16", "fp32")}
 
 
 def methods(N, K, M):
@@ -92,8 +105,11 @@ def main():
           f"weights: {'hot (one copy)' if args.hot else f'cold (>= {args.ws_mb} MB rotating copies)'}")
     bw = read_bandwidth()
     print(f"measured read bandwidth (1 GiB, best of tensor.sum / fp32 GEMV): {bw:.1f} GB/s")
+    peak = peaks(cpu_kernels().ops)
+    print("measured compute peak, all threads (tight loop of one instruction): "
+          + ", ".join(f"{kind} {rate / 1e9:.0f} GMAC/s" for kind, rate in peak.items()))
 
-    cases = [((N, K), M) for (N, K) in ((4096, 4096), (16384, 4096)) for M in (1, 16)]
+    cases = [((N, K), M) for (N, K) in ((4096, 4096), (16384, 4096)) for M in (1, 16, 128)]
     names = [n for n in methods(8, 8, 1) if not (args.skip_fp16 and n.startswith("fp16"))]
     rows, fp32_ms = [], {}
     with torch.inference_mode(), tqdm(total=len(cases) * len(names), desc="measuring", leave=False) as bar:
@@ -108,14 +124,18 @@ def main():
                 rows.append((f"{N}x{K}", M, name, sec * 1e3, nbytes / sec / 1e9))
                 bar.update()
 
-    head = f"{'weight':>10} {'M':>3}  {'method':<36} {'ms/call':>9} {'GB/s':>7} {'of BW':>6} {'vs fp32':>8}"
+    head = (f"{'weight':>10} {'M':>3}  {'method':<36} {'ms/call':>9} {'GB/s':>7} {'of BW':>6} {'GMAC/s':>7} "
+            f"{'of peak':>8} {'vs fp32':>8}")
     print(head + "\n" + "-" * len(head))
     for shape, M, name, ms, gbs in rows:
         N, K = map(int, shape.split("x"))
-        print(f"{shape:>10} {M:>3}  {name:<36} {ms:>9.3f} {gbs:>7.1f} {gbs / bw:>6.0%} "
-              f"{fp32_ms[(N, K, M)] / ms:>7.2f}x")
-    print("GB/s = weight bytes / time; 'of BW' = that rate / measured read bandwidth; "
-          "'vs fp32' = fp32 time / this time (same run).")
+        macs = M * N * K / (ms / 1e3)
+        kind_peak = peak[ARITHMETIC.get(name, "fp32")]
+        print(f"{shape:>10} {M:>3}  {name:<36} {ms:>9.3f} {gbs:>7.1f} {gbs / bw:>6.0%} {macs / 1e9:>7.1f} "
+              f"{macs / kind_peak:>8.0%} {fp32_ms[(N, K, M)] / ms:>7.2f}x")
+    print("GB/s = weight bytes / time; 'of BW' = that rate / measured read bandwidth; GMAC/s = M*N*K / time; "
+          "'of peak' = that rate / the measured peak of the method's arithmetic (int8 for int8 x, bf16 for bf16, "
+          "else fp32); 'vs fp32' = fp32 time / this time (same run).")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
-from transformers.tokenization_utils_base import BatchEncoding, EncodedInput
+from transformers.tokenization_utils_base import BatchEncoding, EncodedInput, TruncationStrategy
 from transformers.utils import PaddingStrategy
 
 VOCAB_FILES_NAMES = {"vocab_file": "ice_text.model"}
@@ -232,13 +232,17 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             ids = ids + token_ids_1 + [self.eos_token_id]
         return ids
 
-    def prepare_for_model(self, ids, pair_ids=None, padding=False, return_attention_mask=None, **kwargs):
-        # As the original (transformers 4.27): one unpadded text is input_ids alone; the GLM mask and
-        # positions come with padding, or when asked for.
-        if return_attention_mask is None and padding in (False, None, "do_not_pad", PaddingStrategy.DO_NOT_PAD):
+    def prepare_for_model(self, ids, pair_ids=None, padding=False, truncation=False, max_length=None,
+                          return_attention_mask=None, **kwargs):
+        # As the original (transformers 4.27): the GLM mask and positions come with padding, with a max_length
+        # that the text is truncated to (the original's _pad built them whenever it was given a max_length), or
+        # when asked for; one text without either is input_ids alone.
+        padding_off = padding in (False, None, "do_not_pad", PaddingStrategy.DO_NOT_PAD)
+        truncating = truncation not in (False, None, "do_not_truncate", TruncationStrategy.DO_NOT_TRUNCATE)
+        if return_attention_mask is None and padding_off and not (truncating and max_length is not None):
             return_attention_mask = False
-        return super().prepare_for_model(ids, pair_ids=pair_ids, padding=padding,
-                                         return_attention_mask=return_attention_mask, **kwargs)
+        return super().prepare_for_model(ids, pair_ids=pair_ids, padding=padding, truncation=truncation,
+                                         max_length=max_length, return_attention_mask=return_attention_mask, **kwargs)
 
     def _pad(self, encoded_inputs: Union[Dict[str, EncodedInput], BatchEncoding], max_length: Optional[int] = None,
              padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD, pad_to_multiple_of: Optional[int] = None,
@@ -252,10 +256,12 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
             max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
 
-        # The GLM mask is [L, L]: built only when asked for or when padding a batch (where lengths are
-        # bounded), never for a batch of raw texts, whose length nothing has checked yet (the original
-        # returned input_ids alone there too; prepare_for_model does the same for one text).
-        if return_attention_mask or (return_attention_mask is None and padding_strategy != PaddingStrategy.DO_NOT_PAD):
+        # The GLM mask is [L, L]: built only when asked for, when padding, or for texts within a max_length (the
+        # original's rule), never for raw texts whose length nothing has checked (the original returned input_ids
+        # alone there too; prepare_for_model does the same for one text).
+        within_max_length = max_length is not None and len(ids) <= max_length
+        if return_attention_mask or (return_attention_mask is None
+                                     and (padding_strategy != PaddingStrategy.DO_NOT_PAD or within_max_length)):
             if "attention_mask" not in encoded_inputs or np.ndim(encoded_inputs["attention_mask"]) != 3:
                 encoded_inputs["attention_mask"] = glm_attention_mask(ids, self.bos_token_id)
             if "position_ids" not in encoded_inputs:

@@ -493,7 +493,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.quantized = False
         if config.quantization_bit:
             self.quantize(config.quantization_bit, empty_init=empty_init)
-        if config.quantization_embeddings and config.tie_word_embeddings:  # the quantized table's scales too
+        # the quantized table's scales are tied too; a float checkpoint asked for quantization_embeddings (the
+        # original -qe code's way) keeps float embeddings until quantize() quantizes them with the rest
+        if self.quantized and config.quantization_embeddings and config.tie_word_embeddings:
             self._tied_weights_keys = {**type(self)._tied_weights_keys,
                                        "lm_head.weight_scale": "transformer.word_embeddings.weight_scale"}
         self.post_init()

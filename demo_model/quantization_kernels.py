@@ -20,6 +20,8 @@ Ops (registered as torch.ops.chatglm_quant.*):
   dequantize(qweight int8 [N, K*bits/8], scale [N], bits) -> float32 [N, K]
   has_integer_path() -> whether this build has the integer path; has_bf16_dot() -> whether bf16 products use bf16
       dot-product instructions (else they widen to fp32); simd() -> the SIMD paths of this build
+  peak_macs(kind "int8" | "bf16" | "fp32", iterations) -> multiply-accumulates per second on all threads in a tight
+      loop of the build's instruction for that kind (the compute peak a GEMM is measured against)
 
 The SIMD paths are chosen when compiling (-march=native, or the flags of CHATGLM_CPU_ISA in kernels.py):
 AVX-512, AVX2 or plain scalar code, each with the same results up to the order of fp32 sums.
@@ -36,6 +38,7 @@ CPP_SOURCE = r"""
 #include <immintrin.h>
 #endif
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -729,6 +732,97 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   return out.view(shape).to(x.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------
+// The machine's compute peak for this build's instructions: kPeakChains independent accumulators (enough to hide
+// each instruction's latency) updated in a tight loop on every thread. A GEMM's speed is reported as a fraction
+// of it (benchmarks/bench_matmul.py). Each body returns its sums, so that the loop cannot be dropped.
+// ---------------------------------------------------------------------------------------------
+constexpr int kPeakChains = 8;
+
+static float fp32_peak_loop(int64_t iterations, float seed) {
+  vf acc[kPeakChains];
+  for (auto& a : acc) a = vzero();
+  const vf a = vset1(seed), b = vset1(1.0f - seed);
+  for (int64_t i = 0; i < iterations; i++)
+    for (int c = 0; c < kPeakChains; c++) acc[c] = vfma(a, b, acc[c]);
+  float sum = 0.f;
+  for (auto& c : acc) sum += vsum(c);
+  return sum;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int64_t kInt8PeakMacs = 64;  // vpdpbusd zmm: 16 lanes x 4 byte pairs
+static float int8_peak_loop(int64_t iterations, float seed) {
+  __m512i acc[kPeakChains];
+  for (auto& a : acc) a = _mm512_setzero_si512();
+  const __m512i a = _mm512_set1_epi8((int8_t)(seed * 3)), b = _mm512_set1_epi8((int8_t)(seed * 5));
+  for (int64_t i = 0; i < iterations; i++)
+    for (int c = 0; c < kPeakChains; c++) acc[c] = _mm512_dpbusd_epi32(acc[c], a, b);
+  int64_t sum = 0;
+  for (auto& c : acc) sum += _mm512_reduce_add_epi32(c);
+  return (float)sum;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kInt8PeakMacs = 32;  // vpmaddubsw + vpmaddwd + vpaddd ymm: 32 byte pairs (the AVX2 integer path)
+static float int8_peak_loop(int64_t iterations, float seed) {
+  __m256i acc[kPeakChains];
+  for (auto& a : acc) a = _mm256_setzero_si256();
+  const __m256i a = _mm256_set1_epi8((int8_t)(seed * 3)), b = _mm256_set1_epi8((int8_t)(seed * 5));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < iterations; i++)
+    for (int c = 0; c < kPeakChains; c++)
+      acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+  int64_t sum = 0;
+  for (auto& c : acc) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256((__m256i*)lanes, c);
+    for (int32_t lane : lanes) sum += lane;
+  }
+  return (float)sum;
+}
+#else
+constexpr int64_t kInt8PeakMacs = 0;  // no integer path
+static float int8_peak_loop(int64_t, float) { return 0.f; }
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr int64_t kBf16PeakMacs = 32;  // vdpbf16ps zmm: 16 lanes x 2 pairs
+static float bf16_peak_loop(int64_t iterations, float seed) {
+  __m512 acc[kPeakChains];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(seed), _mm512_set1_ps(seed));
+  const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0f - seed), _mm512_set1_ps(1.0f - seed));
+  for (int64_t i = 0; i < iterations; i++)
+    for (int c = 0; c < kPeakChains; c++) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
+  float sum = 0.f;
+  for (auto& c : acc) sum += _mm512_reduce_add_ps(c);
+  return sum;
+}
+#else
+constexpr int64_t kBf16PeakMacs = V;  // bf16 widened to fp32: the fp32 FMA's rate
+static float bf16_peak_loop(int64_t iterations, float seed) { return fp32_peak_loop(iterations, seed); }
+#endif
+
+// Multiply-accumulates per second on all of torch's threads for kind "int8" (the integer path's instruction; 0
+// on a build without one), "bf16" (vdpbf16ps, or fp32 FMAs where bf16 is widened) or "fp32" (FMA).
+double peak_macs(std::string kind, int64_t iterations) {
+  TORCH_CHECK(kind == "int8" || kind == "bf16" || kind == "fp32", "kind must be int8, bf16 or fp32");
+  TORCH_CHECK(iterations > 0, "iterations must be positive");
+  const auto loop = kind == "int8" ? int8_peak_loop : kind == "bf16" ? bf16_peak_loop : fp32_peak_loop;
+  const int64_t macs = kind == "int8" ? kInt8PeakMacs : kind == "bf16" ? kBf16PeakMacs : V;
+  if (macs == 0) return 0.0;
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> sums(threads, 0.f);
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) sums[t] = loop(iterations, 0.5f + 0.01f * (float)t);
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  volatile float sink = 0.f;
+  for (float sum : sums) sink = sink + sum;
+  return (double)threads * iterations * kPeakChains * macs / seconds;
+}
+
 // The SIMD paths of this build, e.g. "AVX-512, int8 activations with AVX512-VNNI, bf16 weights with AVX512-BF16".
 std::string simd() {
   const std::string base = V == 16 ? "AVX-512" : V == 8 ? "AVX2" : "scalar";
@@ -836,6 +930,7 @@ TORCH_LIBRARY(chatglm_quant, m) {
   m.def("has_bf16_dot() -> bool", &has_bf16_dot);
   m.def("activation_block() -> int", &activation_block);
   m.def("simd() -> str", &simd);
+  m.def("peak_macs(str kind, int iterations) -> float", &peak_macs);
   m.def("dequantize(Tensor qweight, Tensor scale, int bits) -> Tensor");
 }
 

@@ -50,6 +50,18 @@ def test_tokenizer_matches_the_original_interface(tiny):
     assert tokenizer.gmask_token == "[gMASK]" and tokenizer.end_token == "</s>"
     batch = tokenizer(["你好", "Hello, world!"], padding=True)
     assert set(batch.keys()) == {"input_ids", "attention_mask", "position_ids"}
+    # the original's _pad built them whenever it was given a max_length: truncating to one gives them too, the
+    # same as padding to it would
+    text = "Hello, world! 你好世界"
+    truncated = tokenizer(text, truncation=True, max_length=5)
+    padded = tokenizer(text, truncation=True, max_length=5, padding="max_length")
+    assert set(truncated.keys()) == {"input_ids", "attention_mask", "position_ids"}
+    assert truncated["input_ids"][-2:] == [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+    assert truncated["input_ids"] == padded["input_ids"] and truncated["attention_mask"].shape == (1, 5, 5)
+    assert (truncated["attention_mask"] == padded["attention_mask"]).all()
+    assert (truncated["position_ids"] == padded["position_ids"]).all()
+    assert set(tokenizer([text, "hi"], truncation=True, max_length=5).keys()) == set(truncated.keys())
+    assert list(tokenizer(text, max_length=500, truncation=True).keys()) == list(truncated.keys())
 
 
 def test_a_huge_prompt_is_refused_before_anything_quadratic(tiny):

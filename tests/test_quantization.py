@@ -199,6 +199,21 @@ def test_bf16_on_the_cpu_kernel_answers_as_torch_does(monkeypatch):
     assert "attention" in calls, "decoding steps took the kernel's attention"
 
 
+def test_quantization_embeddings_on_a_float_checkpoint_waits_for_quantize(tmp_path):
+    """The original -qe code's way: from_pretrained(<float checkpoint>, quantization_embeddings=True) loads the
+    float model (it raised AttributeError while tying lm_head's weight_scale), and quantize(4) then quantizes the
+    embeddings with the rest, as the -qe checkpoints are."""
+    model = ChatGLMForConditionalGeneration.from_pretrained(os.path.join(ROOT, "demo_model"),
+                                                            quantization_embeddings=True)
+    assert not model.quantized and model.lm_head.weight is model.transformer.word_embeddings.weight
+    model.quantize(4)
+    assert isinstance(model.transformer.word_embeddings, QuantizedEmbedding)
+    assert model.lm_head.weight_scale is model.transformer.word_embeddings.weight_scale
+    expected, tokenizer = load_model_and_tokenizer(device="cpu")
+    expected.quantize(4, quantize_embeddings=True)
+    assert model.chat(tokenizer, "你好", do_sample=False)[0] == expected.chat(tokenizer, "你好", do_sample=False)[0]
+
+
 def test_quantize_embeddings_option_reaches_the_loader_and_is_refused_alone(tmp_path):
     """`--quantize 4 --quantize-embeddings` quantizes while loading exactly as `model.quantize(4,
     quantize_embeddings=True)` (the original -qe model's way); without --quantize it stops with one line; a

@@ -599,6 +599,18 @@ def test_the_build_has_the_simd_it_was_asked_for(kernels):
     assert simd in loaded.description  # the log line says which path runs
 
 
+def test_peak_loops_report_what_the_build_has():
+    """peak_macs: a rate for fp32 and bf16 on every build, for int8 exactly where the integer path is. The rate is
+    physical (two cores do well under 10^13 multiply-accumulates a second): a loop the compiler had folded away
+    would report far more."""
+    built = kernel_module.cpu_kernels()
+    for kind in ("fp32", "bf16", "int8"):
+        rate = built.ops.peak_macs(kind, 2_000_000)
+        assert (1e8 < rate < 1e13) if kind != "int8" or built.integer_path else rate == 0.0, (kind, rate)
+    with pytest.raises(RuntimeError, match="kind"):
+        built.ops.peak_macs("int4", 10)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_the_narrower_builds_pass_the_same_tests(isa):
     """Every test above, on the AVX2 build (its maddubs integer path, its widening bf16 path) and on the scalar
