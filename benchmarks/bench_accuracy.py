@@ -2,13 +2,24 @@
 whole demo corpus where the next-token argmax equals fp32's, and whether the greedy reply to 你好 is fp32's.
 
     python benchmarks/bench_accuracy.py
+    python benchmarks/bench_accuracy.py --outliers   # activation quantization on a model with outlier channels
+
+--outliers: real 6B-scale activations have a few hidden channels 20-60x the median magnitude (LLM.int8(),
+Dettmers et al. 2022); the demo model and random weights have none. `with_outlier_channels` gives the demo
+model some without changing its function: the input of each layer's attention `dense` is linear in V, so a few
+value rows of `query_key_value` are multiplied by s and the matching input columns of `dense` divided by s.
+Each activation scheme is then applied to the inputs of every linear of the layers (float weights, so that only
+the activations differ) and compared with fp32 activations: argmax agreement and the largest logit difference
+over the corpus' response positions. The last rows run the real INT4 kernel with and without integer activations.
 
 Rows: bf16 (the CPU kernel's bf16 products), INT8/INT4 with int8 activations (the integer path) and with fp32
 activations, and both with --quantize-embeddings (word embeddings and the tied lm_head quantized too, the
 original's -qe format at 4 bits).
 """
+import argparse
 import os
 import sys
+from typing import Callable, Dict, List
 
 import torch
 from tqdm import tqdm
@@ -50,7 +61,168 @@ CONFIGURATIONS = [  # name, load options, integer activations
 ]
 
 
+# ---- outlier channels ----------------------------------------------------------------------------------
+
+OUTLIER_CHANNELS = 4  # per layer, at the input of the attention's dense
+OUTLIER_RATIO = 40.0  # their magnitude over the median channel's, in the middle of LLM.int8()'s 20-60x
+
+
+def dense_inputs(model, tokenizer, examples) -> List[torch.Tensor]:
+    """Each layer's dense input over some corpus tokens, [tokens, hidden] per layer."""
+    seen: Dict[int, List[torch.Tensor]] = {}
+    hooks = [layer.attention.dense.register_forward_pre_hook(
+        lambda module, args, i=i: seen.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).detach()))
+        for i, layer in enumerate(model.transformer.layers)]
+    with torch.no_grad():
+        for _, query, history, response in examples:
+            model(input_ids=torch.tensor([encode_example(tokenizer, query, history, response)[0]]))
+    for hook in hooks:
+        hook.remove()
+    return [torch.cat(seen[i]) for i in range(len(model.transformer.layers))]
+
+
+def with_outlier_channels(model, tokenizer, examples, channels: int = OUTLIER_CHANNELS,
+                          ratio: float = OUTLIER_RATIO) -> List[float]:
+    """Scales, in place, `channels` value channels per layer so that their typical magnitude at the dense input is
+    `ratio` times the median channel's, and divides dense's matching input columns by the same factor: the model
+    computes the same function (up to rounding). Returns each layer's resulting max-channel / median-channel ratio
+    (of mean magnitudes over the calibration tokens)."""
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    before = dense_inputs(model, tokenizer, examples)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer, x in zip(model.transformer.layers, before):
+            magnitude = x.abs().mean(0)  # [hidden]
+            picked = torch.randperm(len(magnitude), generator=generator)[:channels]
+            factors = ratio * magnitude.median() / magnitude[picked]
+            qkv, dense = layer.attention.query_key_value, layer.attention.dense
+            for channel, factor in zip(picked.tolist(), factors.tolist()):
+                head, d = divmod(channel, head_dim)
+                row = head * 3 * head_dim + 2 * head_dim + d  # v of this head and dim in qkv's output
+                qkv.weight[row] *= factor
+                if qkv.bias is not None:
+                    qkv.bias[row] *= factor
+                dense.weight[:, channel] /= factor
+    after = dense_inputs(model, tokenizer, examples)
+    return [float(x.abs().mean(0).max() / x.abs().mean(0).median()) for x in after]
+
+
+def quantized_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x with each run of `group` values along its last dim (group 0: the whole row) quantized to symmetric int8 by
+    its absolute maximum and back, rounding to nearest as the CPU kernel does."""
+    shape = x.shape
+    g = shape[-1] if group == 0 else group
+    blocks = x.reshape(-1, shape[-1] // g, g)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(blocks / safe).clamp(-127, 127) * scale).reshape(shape)
+
+
+def outliers_in_bf16(x: torch.Tensor, group: int = 128, threshold: float = 6.0) -> torch.Tensor:
+    """LLM.int8()'s decomposition: the channels where some token exceeds `threshold` times that token's RMS stay in
+    bf16, the rest are quantized per `group` with those channels zeroed."""
+    rows = x.reshape(-1, x.shape[-1])
+    rms = rows.pow(2).mean(-1, keepdim=True).sqrt()
+    outlier = (rows.abs() > threshold * rms).any(0)
+    kept = torch.where(outlier, rows, torch.zeros_like(rows))
+    rest = quantized_groups(torch.where(outlier, torch.zeros_like(rows), rows), group)
+    return (rest + kept.bfloat16().float()).reshape(x.shape)
+
+
+SCHEMES: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "fp32": lambda x: x,
+    "bf16": lambda x: x.bfloat16().float(),
+    "int8 per 128 (the kernel's)": lambda x: quantized_groups(x, 128),
+    "int8 per 32": lambda x: quantized_groups(x, 32),
+    "int8 per token": lambda x: quantized_groups(x, 0),
+    "int8 per 128, outliers in bf16": outliers_in_bf16,
+}
+
+
+class ActivationScheme:
+    """While active, every linear of the model's layers sees its input passed through `scheme`."""
+
+    def __init__(self, model, scheme: Callable[[torch.Tensor], torch.Tensor]):
+        self.linears = [module for layer in model.transformer.layers for module in layer.modules()
+                        if isinstance(module, torch.nn.Linear)]
+        self.scheme, self.hooks = scheme, []
+
+    def __enter__(self):
+        self.hooks = [linear.register_forward_pre_hook(lambda module, args: (self.scheme(args[0]),) + args[1:])
+                      for linear in self.linears]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+
+def logits_over(model, tokenizer, examples) -> List[torch.Tensor]:
+    """The next-token logits at every response position of each example."""
+    out = []
+    with torch.no_grad():
+        for _, query, history, response in examples:
+            input_ids, labels = encode_example(tokenizer, query, history, response)
+            scored = torch.tensor(labels[1:]) != -100
+            out.append(model(input_ids=torch.tensor([input_ids])).logits[0, :-1][scored].float())
+    return out
+
+
+def compare(reference: List[torch.Tensor], other: List[torch.Tensor]):
+    """(argmax agreement, largest |logit difference|)."""
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(reference, other))
+    total = sum(len(a) for a in reference)
+    return agree / total, max(float((a - b).abs().max()) for a, b in zip(reference, other))
+
+
+def outlier_study():
+    torch.set_num_threads(2)
+    model, tokenizer = load_model_and_tokenizer(device="cpu")
+    examples = load_corpus()
+    plain = logits_over(model, tokenizer, examples)
+    without = {}  # each scheme on the unchanged model, for comparison
+    for name, scheme in tqdm(SCHEMES.items(), desc="schemes, no outliers"):
+        with ActivationScheme(model, scheme):
+            without[name] = compare(plain, logits_over(model, tokenizer, examples))
+    ratios = with_outlier_channels(model, tokenizer, examples)
+    reference = logits_over(model, tokenizer, examples)
+    print(f"\ndemo checkpoint with {OUTLIER_CHANNELS} outlier channels per layer at the attention dense's input "
+          f"(same function: argmax agreement with the unchanged model {compare(plain, reference)[0] * 100:.2f}%)")
+    print("largest channel / median channel (mean magnitudes) per layer: " + ", ".join(f"{r:.0f}x" for r in ratios))
+    print(machine_summary())
+    rows = []
+    for name, scheme in tqdm(SCHEMES.items(), desc="schemes"):
+        with ActivationScheme(model, scheme):
+            rows.append((name, *compare(reference, logits_over(model, tokenizer, examples))))
+    kernels.settings.integer_activations = False
+    int4 = load_and_add_outliers(tokenizer, examples, quantize=4)
+    int4_fp32 = logits_over(int4, tokenizer, examples)
+    kernels.settings.integer_activations = True
+    rows.append(("INT4 kernel, fp32 activations", *compare(reference, int4_fp32)))
+    rows.append(("INT4 kernel, int8 activations", *compare(reference, logits_over(int4, tokenizer, examples))))
+    rows.append(("  the same, against INT4 fp32 activations", *compare(int4_fp32, logits_over(int4, tokenizer,
+                                                                                               examples))))
+    print(f"{'activations (float weights unless named)':<44} {'agreement':>9} {'max |logit diff|':>17} "
+          f"{'without outliers: agreement':>28} {'max |logit diff|':>17}")
+    for name, agreement, error in rows:
+        plain_agreement, plain_error = without.get(name, (None, None))
+        tail = f" {plain_agreement * 100:>27.2f}% {plain_error:>17.4f}" if plain_agreement is not None else ""
+        print(f"{name:<44} {agreement * 100:>8.2f}% {error:>17.4f}{tail}")
+
+
+def load_and_add_outliers(tokenizer, examples, **options):
+    """The demo model with the same outlier channels (the same seed and calibration), then quantized."""
+    model, _ = load_model_and_tokenizer(device="cpu")
+    with_outlier_channels(model, tokenizer, examples)
+    return model.quantize(options["quantize"])
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--outliers", action="store_true", help="activation schemes on a model with outlier channels")
+    if parser.parse_args().outliers:
+        outlier_study()
+        return
     torch.set_num_threads(2)
     reference, tokenizer = load_model_and_tokenizer(device="cpu")
     examples = load_corpus()

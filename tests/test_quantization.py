@@ -243,3 +243,35 @@ def test_quantize_embeddings_option_reaches_the_loader_and_is_refused_alone(tmp_
     r = subprocess.run([sys.executable, os.path.join(ROOT, "cli_demo.py"), "--quantize-embeddings"],
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode != 0 and "--quantize-embeddings needs --quantize" in r.stderr
+
+
+def test_the_outlier_model_computes_the_same_function_with_outlier_channels():
+    """bench_accuracy --outliers: scaling value rows of query_key_value and dividing dense's columns leaves the
+    logits as they were, while the dense inputs gain channels OUTLIER_RATIO times the median channel."""
+    from benchmarks.bench_accuracy import OUTLIER_RATIO, dense_inputs, logits_over, with_outlier_channels
+
+    model, tokenizer = load_model_and_tokenizer(device="cpu")
+    examples = load_corpus()[:12]
+    before = logits_over(model, tokenizer, examples)
+    typical = [x.abs().mean(0).max() / x.abs().mean(0).median() for x in dense_inputs(model, tokenizer, examples)]
+    ratios = with_outlier_channels(model, tokenizer, examples)
+    after = logits_over(model, tokenizer, examples)
+    assert all(torch.allclose(a, b, atol=2e-3, rtol=1e-4) for a, b in zip(before, after))
+    assert all(r == pytest.approx(OUTLIER_RATIO, rel=0.05) for r in ratios) and max(typical) < OUTLIER_RATIO / 4
+
+
+def test_activation_schemes_quantize_as_the_kernel_does():
+    from benchmarks.bench_accuracy import outliers_in_bf16, quantized_groups
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 256)
+    x[1, 7] = 50.0
+    per_128 = quantized_groups(x, 128)
+    block = x[1, :128]
+    step = block.abs().max() / 127
+    assert torch.allclose(per_128[1, :128], torch.round(block / step) * step)
+    assert (per_128 - x).abs().max() <= x.abs().max() / 127 / 2 + 1e-6
+    assert torch.equal(quantized_groups(x, 0)[0], quantized_groups(x[:1], 256)[0])  # per token = one group a row
+    kept = outliers_in_bf16(x)
+    assert kept[1, 7] == torch.tensor(50.0).bfloat16().float()  # the outlier channel is not quantized
+    assert (kept - x)[1].abs().max() < (per_128 - x)[1].abs().max() / 4  # and no longer widens its block's step
