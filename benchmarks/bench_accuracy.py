@@ -17,6 +17,7 @@ activations, and both with --quantize-embeddings (word embeddings and the tied l
 original's -qe format at 4 bits).
 """
 import argparse
+import copy
 import os
 import sys
 from typing import Callable, Dict, List
@@ -195,7 +196,7 @@ def outlier_study():
         with ActivationScheme(model, scheme):
             rows.append((name, *compare(reference, logits_over(model, tokenizer, examples))))
     kernels.settings.integer_activations = False
-    int4 = load_and_add_outliers(tokenizer, examples, quantize=4)
+    int4 = copy.deepcopy(model).quantize(4)  # the same outlier channels, then INT4 weights
     int4_fp32 = logits_over(int4, tokenizer, examples)
     kernels.settings.integer_activations = True
     rows.append(("INT4 kernel, fp32 activations", *compare(reference, int4_fp32)))
@@ -208,13 +209,6 @@ def outlier_study():
         plain_agreement, plain_error = without.get(name, (None, None))
         tail = f" {plain_agreement * 100:>27.2f}% {plain_error:>17.4f}" if plain_agreement is not None else ""
         print(f"{name:<44} {agreement * 100:>8.2f}% {error:>17.4f}{tail}")
-
-
-def load_and_add_outliers(tokenizer, examples, **options):
-    """The demo model with the same outlier channels (the same seed and calibration), then quantized."""
-    model, _ = load_model_and_tokenizer(device="cpu")
-    with_outlier_channels(model, tokenizer, examples)
-    return model.quantize(options["quantize"])
 
 
 def main():

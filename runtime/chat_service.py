@@ -116,7 +116,8 @@ class Prompts:
         param = "tools" if tool else "response_format"
         try:
             schema = tool[1] if tool else json_schema_of(request.response_format)
-            grammars = [] if schema is None else [Grammar(self.tokenizer, schema) for _ in range(request.n or 1)]
+            first = None if schema is None else Grammar(self.tokenizer, schema)
+            grammars = [] if first is None else [first] + [first.fresh() for _ in range((request.n or 1) - 1)]
         except GrammarError as error:
             raise ApiError(400, f"{param}: {error}", param) from None
         chat = messages_to_chat(request.messages, describe_tools(tool[0]) if tool else "")
@@ -161,6 +162,13 @@ class Choice:
     prompt_ids: List[int]
     tokens: List[int] = field(default_factory=list)
     logprobs: List[TokenLogprobs] = field(default_factory=list)
+    streamed: int = 0  # tokens whose logprobs a stream has sent
+
+    def unsent(self) -> Tuple[List[int], List[TokenLogprobs]]:
+        """The tokens (and their logprobs) since the last call: a streamed chunk carries those of the tokens that
+        made its text, some of which make no text of their own."""
+        start, self.streamed = self.streamed, len(self.tokens)
+        return self.tokens[start:], self.logprobs[start:]
 
 
 class ChatService:
@@ -299,16 +307,19 @@ def tool_calls_of(choice: Choice) -> Optional[List[ToolCall]]:
                                                                                    ensure_ascii=False)))]
 
 
+def ending(job: Job, choice: Choice) -> Tuple[Optional[List[ToolCall]], str]:
+    """A finished chat reply's tool calls (for a job with tools, when its JSON is complete) and finish_reason."""
+    calls = tool_calls_of(choice) if job.tools else None
+    return calls, "tool_calls" if calls else choice.reply.finish_reason
+
+
 def chat_choice(service: ChatService, job: Job, choice: Choice) -> ChatChoice:
-    reply, calls = choice.reply, tool_calls_of(choice) if job.tools else None
+    calls, finish_reason = ending(job, choice)
     logprobs = None
     if job.options.get("logprobs") is not None:
         logprobs = ChoiceLogprobs(content=service.texts.chat(choice.tokens, choice.logprobs))
-    if calls:
-        return ChatChoice(index=choice.index, message=AssistantMessage(content=None, tool_calls=calls),
-                          logprobs=logprobs, finish_reason="tool_calls")
-    return ChatChoice(index=choice.index, message=AssistantMessage(content=reply.text), logprobs=logprobs,
-                      finish_reason=reply.finish_reason)
+    message = AssistantMessage(content=None, tool_calls=calls) if calls else AssistantMessage(content=choice.reply.text)
+    return ChatChoice(index=choice.index, message=message, logprobs=logprobs, finish_reason=finish_reason)
 
 
 def completion_choice(service: ChatService, job: Job, choice: Choice) -> CompletionChoice:
@@ -331,28 +342,26 @@ async def chat_chunks(service: ChatService, job: Job, choices: List[Choice], com
         return sse(ChatCompletionChunk(id=completion_id, created=created, model=model, usage=usage_counts,
                                        choices=parts).model_dump_json())
 
-    def logprobs_since(choice: Choice, sent: Dict[int, int]) -> Optional[ChoiceLogprobs]:
+    def unsent_logprobs(choice: Choice) -> Optional[ChoiceLogprobs]:
         if job.options.get("logprobs") is None:
             return None
-        start, sent[choice.index] = sent.get(choice.index, 0), len(choice.tokens)
-        return ChoiceLogprobs(content=service.texts.chat(choice.tokens[start:], choice.logprobs[start:]))
+        return ChoiceLogprobs(content=service.texts.chat(*choice.unsent()))
 
-    sent: Dict[int, int] = {}
     for choice in choices:
         yield chunk(choice.index, ChatDelta(role="assistant", content=""))
     async for choice, delta in service.stream(choices):
         if delta.text and not job.tools:
-            yield chunk(choice.index, ChatDelta(content=delta.text), logprobs=logprobs_since(choice, sent))
+            yield chunk(choice.index, ChatDelta(content=delta.text), logprobs=unsent_logprobs(choice))
     for choice in choices:
-        final = chat_choice(service, job, choice)
-        if final.message.tool_calls:
-            calls = [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(final.message.tool_calls)]
-            yield chunk(choice.index, ChatDelta(tool_calls=calls), logprobs=logprobs_since(choice, sent))
+        calls, finish_reason = ending(job, choice)
+        if calls:
+            deltas = [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)]
+            yield chunk(choice.index, ChatDelta(tool_calls=deltas), logprobs=unsent_logprobs(choice))
         elif job.tools and choice.reply.text:  # cut short before its call was complete: the text as it is
-            yield chunk(choice.index, ChatDelta(content=choice.reply.text), logprobs=logprobs_since(choice, sent))
-        elif sent.get(choice.index, 0) < len(choice.tokens):  # tokens whose text was held back, then dropped
-            yield chunk(choice.index, ChatDelta(), logprobs=logprobs_since(choice, sent))
-        yield chunk(choice.index, ChatDelta(), final.finish_reason)
+            yield chunk(choice.index, ChatDelta(content=choice.reply.text), logprobs=unsent_logprobs(choice))
+        elif choice.streamed < len(choice.tokens):  # tokens whose text was held back, then dropped
+            yield chunk(choice.index, ChatDelta(), logprobs=unsent_logprobs(choice))
+        yield chunk(choice.index, ChatDelta(), finish_reason)
         log_exchange(job.query, choice.reply.text)
     if include_usage:
         yield chunk(usage_counts=usage(job, choices))
@@ -367,14 +376,10 @@ async def completion_chunks(service: ChatService, job: Job, choices: List[Choice
                               usage=usage_counts).model_dump_json())
 
     logprobs = job.options.get("logprobs") is not None
-    sent: Dict[int, int] = {}
-    offsets: Dict[int, int] = {}
+    offsets: Dict[int, int] = {}  # per choice: the characters sent so far (logprobs' text_offset)
+
     def piece(choice: Choice, text: str, finish_reason=None) -> str:
-        parts = None
-        if logprobs:  # the tokens since the last piece (some make no text of their own)
-            start, sent[choice.index] = sent.get(choice.index, 0), len(choice.tokens)
-            parts = service.texts.completion(choice.tokens[start:], choice.logprobs[start:],
-                                             offsets.get(choice.index, 0))
+        parts = service.texts.completion(*choice.unsent(), offsets.get(choice.index, 0)) if logprobs else None
         offsets[choice.index] = offsets.get(choice.index, 0) + len(text)
         return chunk([CompletionChoice(index=choice.index, text=text, logprobs=parts, finish_reason=finish_reason)])
 

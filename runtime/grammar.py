@@ -8,6 +8,7 @@ with a layout of its own: 20,000 image ids first (never text), "▁" for a space
 pieces that stand for whitespace (<n>, <|tab|>, <|blank_N|>); its control tokens (<sop>, <eop>, [gMASK], ...) are
 never text either. `vocabulary()` turns that into llguidance's tokenizer, once per tokenizer.
 """
+import copy
 import json
 import threading
 from typing import Any, Dict, List, Optional, Tuple
@@ -96,24 +97,41 @@ def vocabulary(tokenizer):
                  lambda: llguidance.LLTokenizer(llguidance.TokenizerWrapper(ChatGLMVocabulary(tokenizer))))
 
 
+def compiled(tokenizer, schema: Dict[str, Any]) -> str:
+    """llguidance's grammar for a JSON schema, checked against the vocabulary (GrammarError if it cannot be used)."""
+    import llguidance
+
+    try:
+        if schema == ANY_OBJECT:
+            grammar = llguidance.LLMatcher.grammar_from_lark(BOUNDED_JSON_OBJECT)
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                json.dumps(schema), overrides={"whitespace_flexible": False})
+        error = llguidance.LLMatcher.validate_grammar(grammar, vocabulary(tokenizer))
+    except (ValueError, TypeError) as refused:  # what the compiler raises for a schema it cannot read
+        error = str(refused)
+    if error:
+        raise GrammarError(f"the JSON schema cannot be used: {error}")
+    return grammar
+
+
 class Grammar:
-    """One request's grammar state: which tokens may come next, and the tokens it has taken."""
+    """One reply's grammar state: which tokens may come next, and the tokens it has taken. The schema is compiled
+    once; `fresh()` gives another reply the same grammar from its start (the choices of one request)."""
 
     def __init__(self, tokenizer, schema: Dict[str, Any]):
+        self.tokenizer, self.grammar = tokenizer, compiled(tokenizer, schema)
+        self.matcher = self._matcher()
+
+    def _matcher(self):
         import llguidance
 
-        try:
-            if schema == ANY_OBJECT:
-                grammar = llguidance.LLMatcher.grammar_from_lark(BOUNDED_JSON_OBJECT)
-            else:
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                    json.dumps(schema), overrides={"whitespace_flexible": False})
-            error = llguidance.LLMatcher.validate_grammar(grammar, vocabulary(tokenizer))
-        except (ValueError, TypeError) as refused:  # what the compiler raises for a schema it cannot read
-            error = str(refused)
-        if error:
-            raise GrammarError(f"the JSON schema cannot be used: {error}")
-        self.matcher = llguidance.LLMatcher(vocabulary(tokenizer), grammar, log_level=0)
+        return llguidance.LLMatcher(vocabulary(self.tokenizer), self.grammar, log_level=0)
+
+    def fresh(self) -> "Grammar":
+        other = copy.copy(self)
+        other.matcher = self._matcher()
+        return other
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
         """Bool [vocab_size]: the ids that may come next (ids past the tokenizer's vocabulary never)."""
