@@ -10,10 +10,10 @@ model some without changing its function: the input of each layer's attention `d
 value rows of `query_key_value` are multiplied by s and the matching input columns of `dense` divided by s.
 Each activation scheme is then applied to the inputs of every linear of the layers (float weights, so that only
 the activations differ) and compared with fp32 activations: argmax agreement and the largest logit difference
-over the corpus' response positions. The last rows run the real INT4 kernel with and without integer activations.
+over the corpus' response positions. The last rows run the real INT4 kernel with each activation setting.
 
-Rows: bf16 (the CPU kernel's bf16 products), INT8/INT4 with int8 activations (the integer path) and with fp32
-activations, and both with --quantize-embeddings (word embeddings and the tied lm_head quantized too, the
+Rows: bf16 (the CPU kernel's bf16 products), INT8/INT4 with the default activations (int8x2), with one int8 pass
+and with fp32 activations, and both with --quantize-embeddings (word embeddings and the tied lm_head quantized too, the
 original's -qe format at 4 bits).
 """
 import argparse
@@ -51,14 +51,16 @@ def argmax_agreement(reference, other, tokenizer, examples) -> float:
     return agree / total
 
 
-CONFIGURATIONS = [  # name, load options, integer activations
-    ("bf16", dict(dtype=torch.bfloat16), True),
-    ("int8", dict(quantize=8), True),
-    ("int8, fp32 activations", dict(quantize=8), False),
-    ("int8 + embeddings", dict(quantize=8, quantize_embeddings=True), True),
-    ("int4", dict(quantize=4), True),
-    ("int4, fp32 activations", dict(quantize=4), False),
-    ("int4 + embeddings (-qe)", dict(quantize=4, quantize_embeddings=True), True),
+CONFIGURATIONS = [  # name, load options, the quantized kernels' activations (kernels.ACTIVATION_PASSES)
+    ("bf16", dict(dtype=torch.bfloat16), "int8x2"),
+    ("int8", dict(quantize=8), "int8x2"),
+    ("int8, int8 activations", dict(quantize=8), "int8"),
+    ("int8, fp32 activations", dict(quantize=8), "fp32"),
+    ("int8 + embeddings", dict(quantize=8, quantize_embeddings=True), "int8x2"),
+    ("int4", dict(quantize=4), "int8x2"),
+    ("int4, int8 activations", dict(quantize=4), "int8"),
+    ("int4, fp32 activations", dict(quantize=4), "fp32"),
+    ("int4 + embeddings (-qe)", dict(quantize=4, quantize_embeddings=True), "int8x2"),
 ]
 
 
@@ -108,15 +110,19 @@ def with_outlier_channels(model, tokenizer, examples, channels: int = OUTLIER_CH
     return [float(x.abs().mean(0).max() / x.abs().mean(0).median()) for x in after]
 
 
-def quantized_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+def quantized_groups(x: torch.Tensor, group: int, passes: int = 1) -> torch.Tensor:
     """x with each run of `group` values along its last dim (group 0: the whole row) quantized to symmetric int8 by
-    its absolute maximum and back, rounding to nearest as the CPU kernel does."""
+    its absolute maximum and back, rounding to nearest as the CPU kernel does; passes=2 adds the kernel's second
+    int8 pass, the first one's rounding error at 1/256 of its scale."""
     shape = x.shape
     g = shape[-1] if group == 0 else group
     blocks = x.reshape(-1, shape[-1] // g, g)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.round(blocks / safe).clamp(-127, 127) * scale).reshape(shape)
+    first = torch.round(blocks / safe).clamp(-127, 127)
+    if passes == 2:
+        first = first + torch.round((blocks / safe - first) * 256).clamp(-127, 127) / 256
+    return (first * scale).reshape(shape)
 
 
 def outliers_in_bf16(x: torch.Tensor, group: int = 128, threshold: float = 6.0) -> torch.Tensor:
@@ -133,7 +139,8 @@ def outliers_in_bf16(x: torch.Tensor, group: int = 128, threshold: float = 6.0) 
 SCHEMES: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "fp32": lambda x: x,
     "bf16": lambda x: x.bfloat16().float(),
-    "int8 per 128 (the kernel's)": lambda x: quantized_groups(x, 128),
+    "int8 per 128, two passes (int8x2)": lambda x: quantized_groups(x, 128, passes=2),
+    "int8 per 128 (int8)": lambda x: quantized_groups(x, 128),
     "int8 per 32": lambda x: quantized_groups(x, 32),
     "int8 per token": lambda x: quantized_groups(x, 0),
     "int8 per 128, outliers in bf16": outliers_in_bf16,
@@ -178,6 +185,7 @@ def compare(reference: List[torch.Tensor], other: List[torch.Tensor]):
 
 def outlier_study():
     torch.set_num_threads(2)
+    default_activations = kernels.settings.activations
     model, tokenizer = load_model_and_tokenizer(device="cpu")
     examples = load_corpus()
     plain = logits_over(model, tokenizer, examples)
@@ -195,14 +203,16 @@ def outlier_study():
     for name, scheme in tqdm(SCHEMES.items(), desc="schemes"):
         with ActivationScheme(model, scheme):
             rows.append((name, *compare(reference, logits_over(model, tokenizer, examples))))
-    kernels.settings.integer_activations = False
+    kernels.settings.activations = "fp32"
     int4 = copy.deepcopy(model).quantize(4)  # the same outlier channels, then INT4 weights
     int4_fp32 = logits_over(int4, tokenizer, examples)
-    kernels.settings.integer_activations = True
     rows.append(("INT4 kernel, fp32 activations", *compare(reference, int4_fp32)))
-    rows.append(("INT4 kernel, int8 activations", *compare(reference, logits_over(int4, tokenizer, examples))))
-    rows.append(("  the same, against INT4 fp32 activations", *compare(int4_fp32, logits_over(int4, tokenizer,
-                                                                                               examples))))
+    for activations in ("int8x2", "int8"):
+        kernels.settings.activations = activations
+        int4_logits = logits_over(int4, tokenizer, examples)
+        rows.append((f"INT4 kernel, {activations} activations", *compare(reference, int4_logits)))
+        rows.append(("  the same, against INT4 fp32 activations", *compare(int4_fp32, int4_logits)))
+    kernels.settings.activations = default_activations
     print(f"{'activations (float weights unless named)':<44} {'agreement':>9} {'max |logit diff|':>17} "
           f"{'without outliers: agreement':>28} {'max |logit diff|':>17}")
     for name, agreement, error in rows:
@@ -222,12 +232,13 @@ def main():
     examples = load_corpus()
     hello = reference.chat(tokenizer, HELLO, do_sample=False)[0]
     rows = []
-    for name, options, integer in tqdm(CONFIGURATIONS, desc="configurations"):
-        kernels.settings.integer_activations = integer
+    default_activations = kernels.settings.activations
+    for name, options, activations in tqdm(CONFIGURATIONS, desc="configurations"):
+        kernels.settings.activations = activations
         model, _ = load_model_and_tokenizer(device="cpu", **options)
         rows.append((name, argmax_agreement(reference, model, tokenizer, examples),
                      model.chat(tokenizer, HELLO, do_sample=False)[0] == hello))
-    kernels.settings.integer_activations = True
+    kernels.settings.activations = default_activations
     print(f"\ndemo checkpoint, {len(examples)} corpus examples, argmax agreement with fp32 over their responses")
     loaded = kernels.loaded_cpu_kernels()
     print(machine_summary() + f"; CPU kernel: {loaded.description if loaded else 'not loaded'}")

@@ -8,8 +8,8 @@ first token for several prompt lengths, the step time of 1 to 16 rows decoding t
                                                            # -qe: with --quantize-embeddings
 
 Every configuration runs in its own process, so that its peak RSS is its own. fp32 6B (24.7 GB) does not fit
-in this machine's 24 GiB and is skipped. CHATGLM_QUANT_FP32_ACTIVATIONS=1 (int8/int4 with the fp32-activation
-kernel) and CHATGLM_CPU_ISA reach every configuration.
+in this machine's 24 GiB and is skipped. CHATGLM_ACTIVATIONS=int8x2|int8|fp32 (how the int8/int4 kernels take their
+input) and CHATGLM_CPU_ISA reach every configuration.
 """
 import argparse
 import json
@@ -25,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from benchmarks.common import machine_summary, peak_rss, read_bandwidth  # noqa: E402
+from chatglm_6b import kernels  # noqa: E402
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from chatglm_6b.modeling_chatglm import CACHE_FIELD, ChatGLMForConditionalGeneration  # noqa: E402
 from chatglm_6b.quantization import (LAYER_LINEARS, QuantizedLinear, quantize, rows_per_block,  # noqa: E402
@@ -272,9 +273,8 @@ def main():
             continue
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    settings = {key: os.environ[key] for key in ("CHATGLM_QUANT_FP32_ACTIVATIONS", "CHATGLM_CPU_ISA") if key in os.environ}
-    print(f"\n{args.model} model, {args.threads} threads, measured read bandwidth {bandwidth:.1f} GB/s"
-          + (f", {settings}" if settings else ""))
+    print(f"\n{args.model} model, {args.threads} threads, measured read bandwidth {bandwidth:.1f} GB/s, quantized "
+          f"kernels' activations {kernels.settings.activations}, CPU kernels built for {kernels.settings.isa}")
     print(machine_summary())
     baseline = next((r for r in rows if r["dtype"] in ("fp32", "bf16")), None)
     print(f"\ndecode ms/token, prompt {args.prompt_length} tokens, {args.decode_steps} steps: median step of "

@@ -8,14 +8,14 @@ with a line saying so, so that no reply waits for a compile. A build reports wha
 Dispatch: `backend_for(device)` says how linears and attention compute on a device, and a module takes its backend
 once per placement of its weights (`placed_backend`), not per call:
     CPU    bf16 products of a few rows and bf16 decoding attention on the kernels (once loaded), quantized linears
-           on the kernels (int8 activations where the build has an integer path); the rest torch
+           on the kernels (activations as `settings.activations` says, below); the rest torch
     CUDA   INT8 linears through torch._weight_int8pack_mm; the rest torch
     other  torch
 A quantized linear no backend takes is computed by its format's definition (quantization.py).
 
 `settings` come from the environment, or from tests and benchmarks: CHATGLM_QUANT_FORCE_TORCH=1 (torch only),
-CHATGLM_QUANT_FP32_ACTIVATIONS=1 (fp32 activations in the quantized kernels), CHATGLM_CPU_ISA=native|avx2|scalar
-(the SIMD the kernels are built for).
+CHATGLM_ACTIVATIONS=int8x2|int8|fp32 (how the quantized kernels take their input; CHATGLM_QUANT_FP32_ACTIVATIONS=1,
+the older switch, is fp32), CHATGLM_CPU_ISA=native|avx2|scalar (the SIMD the kernels are built for).
 
 This file is Hugging Face remote code too: imports are torch, stdlib and siblings only.
 """
@@ -51,11 +51,29 @@ def _environment_flag(name: str, value: str) -> bool:
     return os.environ.get(name, "0") == value
 
 
+# How the quantized kernels take a layer's input (`settings.activations`), and the kernel's number of int8 passes:
+#   int8x2  int8 per block of 128 values, and a second int8 pass of the first one's rounding error at 1/256 of its
+#           scale: about 15 bits a value, less logit error than bf16 activations on a model with outlier channels
+#           (benchmarks/bench_accuracy.py --outliers), for twice the integer products
+#   int8    the first pass alone: half the products; 5-20x bf16's logit error on that model (same argmax there)
+#   fp32    weights decoded to fp32 for fp32 FMAs: the original's arithmetic
+# A build without an integer path, and K not a multiple of 128, take fp32.
+ACTIVATION_PASSES = {"int8x2": 2, "int8": 1, "fp32": 0}
+
+
+def _activations_from_environment() -> str:
+    if _environment_flag("CHATGLM_QUANT_FP32_ACTIVATIONS", "1"):  # the older switch
+        return "fp32"
+    chosen = os.environ.get("CHATGLM_ACTIVATIONS", "int8x2")
+    if chosen not in ACTIVATION_PASSES:
+        raise ValueError(f"CHATGLM_ACTIVATIONS={chosen!r}: expected one of {', '.join(ACTIVATION_PASSES)}")
+    return chosen
+
+
 @dataclass
 class KernelSettings:
     torch_only: bool = field(default_factory=lambda: _environment_flag("CHATGLM_QUANT_FORCE_TORCH", "1"))
-    integer_activations: bool = field(
-        default_factory=lambda: not _environment_flag("CHATGLM_QUANT_FP32_ACTIVATIONS", "1"))
+    activations: str = field(default_factory=_activations_from_environment)
     isa: str = field(default_factory=lambda: os.environ.get("CHATGLM_CPU_ISA", "native"))
 
 
@@ -227,7 +245,7 @@ class CpuBackend(TorchBackend):
         kernels = cpu_kernels()
         if kernels is None:
             return None
-        return kernels.ops.linear(x, qweight, scale, bias, bits, int(settings.integer_activations))
+        return kernels.ops.linear(x, qweight, scale, bias, bits, ACTIVATION_PASSES[settings.activations])
 
     def attention(self, q, k, v, bias, output_attentions: bool = False):
         if q.dtype == torch.bfloat16 and q.shape[2] <= DECODE_ROWS and not output_attentions:

@@ -6,10 +6,10 @@ compiles it once per source/CPU/flags.
 
 Ops (registered as torch.ops.chatglm_quant.*):
   linear(x[*, K] f32/bf16/f16, qweight int8 [N, K*bits/8], scale [N], bias [N]?, bits, integer) -> [*, N] in x's
-      dtype; integer=1 quantizes x to int8 per block of activation_block() (128) values and uses integer
-      dot products (AVX512-VNNI, or AVX2) where the build has them and K is a multiple of that block, else (and
-      with integer=0) weights are decoded to fp32
-      for fp32 FMAs
+      dtype; integer=1 quantizes x to int8 per block of activation_block() (128) values and uses integer dot
+      products (AVX512-VNNI, or AVX2) where the build has them and K is a multiple of that block; integer=2 adds a
+      second int8 pass of the first one's rounding error (kernels.ACTIVATION_PASSES); else (and with integer=0)
+      weights are decoded to fp32 for fp32 FMAs
   bf16_linear(x [*, K], weight bf16 [N, K], bias [N]?) -> [*, N] in x's dtype, fp32 accumulation
   decode_attention(q [B, nh, L, hd], k, v [B, nh, T, hd] (views of a longer cache allowed), bias?, scale) -> bf16
       softmax(q k^T * scale + bias) v for a few query rows, in fp32, reading the cache in place
@@ -43,6 +43,7 @@ CPP_SOURCE = r"""
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <memory>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------
@@ -224,189 +225,446 @@ static at::Tensor deinterleave(const at::Tensor& x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Integer path: activations quantized on the fly to int8 per block of QB = 128 values of a row
-// (scale = absmax / 127) and integer dot products of each block, four times the MACs per instruction of an
-// fp32 FMA. Two builds of the block product:
-//   AVX512-VNNI: weights as unsigned bytes (q + 8 for int4: the nibble with its top bit flipped; q + 128 for
-//     int8) and vpdpbusd, 64 byte pairs per instruction. dot(q + off, xq) = dot(q, xq) + off * sum(xq), so the
-//     offset is taken back once per row (corr).
-//   AVX2: vpmaddubsw + vpmaddwd. Its int16 pair sums saturate for bytes above 128, so int4 uses the same
-//     q + 8 offset (15 * 127 * 2 fits) and int8 multiplies |q| by x with q's sign moved onto x (no offset).
-// Used whenever K is a multiple of QB, for every number of rows, so that a row gives the same result alone
-// and in a batch. The scalar build has no integer path (the fp32 path runs).
+// Integer path: activations quantized on the fly to int8 per block of QB = 128 values of a row (scale =
+// absmax / 127), in one pass, or in two: the second holds the first's rounding error at 1/256 of its scale
+// (about 15 bits a value, less error than bf16's 8), for twice the products. Then integer dot products.
+//
+// Tiling: the outer-product form of BLIS and oneDNN int8 GEMMs. An accumulator vector holds kLanes output
+// rows, one per lane, and one instruction multiplies 4 weights of each of those rows by the same 4 activations
+// (a broadcast dword). For each block of QB k, the weights of a tile of kTile rows are transposed from the
+// checkpoint's row-major bytes in registers and decoded to unsigned bytes into a 4 KB buffer (L1), once for all
+// input rows; then every input row sweeps it, kGroups products per broadcast. A block's products are exact int32
+// sums that meet the float scales once per block, in block order: a row's result is the same in any batch and
+// any tiling.
+//   AVX512-VNNI: vpdpbusd (64 byte pairs). Weights unsigned: q + 8 for int4 (the nibble with its top bit
+//     flipped), q + 128 for int8; dot(q + off, x) = dot(q, x) + off * sum(x) is taken back per block in int32.
+//   AVX2: vpmaddubsw + vpmaddwd. int4 uses the same q + 8 offset (pair sums <= 15 * 127 * 2); int8 multiplies
+//     |q| by x with q's sign moved onto x (no offset; pair sums <= 32512).
+// Byte j of an int4 row holds q[2j] (high nibble) and q[2j + 1] (low), so each block of int4 activations is stored
+// as its 64 even k, then its 64 odd k: the order in which the high and the low nibbles of a run of bytes come.
+// Used whenever K is a multiple of QB, for every number of rows. The scalar build has no integer path.
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t QB = 128;
+constexpr int kSteps = QB / 4;  // 4-byte k steps per block
+constexpr int kGroups = 2;      // accumulator vectors per input row and pass
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define CHATGLM_INTEGER_ISA "AVX512-VNNI"
 constexpr int kInt8Offset = 128;
-using iacc = __m512;
-struct WBlock { __m512i v[2]; };  // one row's block, in the order of the activation block
-struct XBlock { __m512i v[2]; };
-static inline iacc iacc_zero() { return _mm512_setzero_ps(); }
-static inline float iacc_sum(iacc a) { return _mm512_reduce_add_ps(a); }
-static inline void load_x(XBlock& x, const int8_t* p) {
-  x.v[0] = _mm512_loadu_si512(p);
-  x.v[1] = _mm512_loadu_si512(p + 64);
+constexpr int kLanes = 16;
+// Input rows per sweep, by passes: their float sums and int32 products (kGroups vectors each) and the weights fit
+// the 32 registers.
+constexpr int kMaxRows[2] = {6, 4};
+using ivec = __m512i;
+static inline ivec iload(const void* p) { return _mm512_loadu_si512(p); }
+static inline ivec izero() { return _mm512_setzero_si512(); }
+static inline ivec ibroadcast(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
 }
-static inline void load_w4(WBlock& w, const int8_t* p) {  // 64 bytes: high nibbles q[2j], low nibbles q[2j + 1]
-  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(0x08), v = _mm512_loadu_si512(p);
-  w.v[0] = _mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), eight);
-  w.v[1] = _mm512_xor_si512(_mm512_and_si512(v, low4), eight);
-}
-static inline void load_w8(WBlock& w, const int8_t* p) {
-  const __m512i top = _mm512_set1_epi8((char)0x80);
-  w.v[0] = _mm512_xor_si512(_mm512_loadu_si512(p), top);
-  w.v[1] = _mm512_xor_si512(_mm512_loadu_si512(p + 64), top);
-}
+static inline ivec iset1(int32_t a) { return _mm512_set1_epi32(a); }
+static inline ivec iadd(ivec a, ivec b) { return _mm512_add_epi32(a, b); }
+static inline ivec isub(ivec a, ivec b) { return _mm512_sub_epi32(a, b); }
+static inline ivec ishl8(ivec a) { return _mm512_slli_epi32(a, 8); }
+// In inline assembly: with the intrinsic, GCC copies every accumulator to a fresh register (and spills some) on each
+// step of the sweep, half the instructions of the loop.
 template <int BITS>
-static inline iacc block_fma(const WBlock& w, const XBlock& x, float xs, iacc acc) {
-  const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w.v[0], x.v[0]), w.v[1], x.v[1]);
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs), acc);
+static inline ivec idot(ivec acc, ivec w, ivec x) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+  return acc;
+}
+// r[j] lane i <- r[i] lane j (16 x 16 dwords): pairs, then quads within 128-bit lanes, then the lanes themselves.
+static inline void transpose(ivec r[kLanes]) {
+  ivec t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int q = 0; q < 16; q += 4) {  // u[q + c], 128-bit lane L: dword 4L + c of rows q..q+3
+    u[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
+    u[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
+    u[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
+    u[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
+  }
+  for (int c = 0; c < 4; c++) {
+    const ivec s0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), s1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const ivec s2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const ivec s3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+// 4 int4 bytes of each row -> their high nibbles (even k) and low nibbles (odd k) as q + 8
+static inline void decode4(ivec v, ivec& even, ivec& odd) {
+  const ivec low4 = _mm512_set1_epi8(0x0F);
+  v = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x88));
+  even = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+  odd = _mm512_and_si512(v, low4);
+}
+static inline ivec decode8(ivec v) { return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80)); }
+// Quantizing activations: |x| maxima, and rounding to the nearest integer (ties to even, as std::nearbyint)
+static inline vf vabsmax(vf m, const float* x) { return _mm512_max_ps(m, _mm512_abs_ps(vload(x))); }
+static inline float vmax_lanes(vf m) { return _mm512_reduce_max_ps(m); }
+static inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vclamp127(vf a) { return _mm512_min_ps(_mm512_max_ps(a, vset1(-127.f)), vset1(127.f)); }
+static inline void vstore_i32(int32_t* p, vf a) { _mm512_storeu_si512(p, _mm512_cvtps_epi32(a)); }
+// The lane sums of d[0..3], as 4 int32 (pairs, then quads within 128-bit lanes, then across the lanes)
+static inline __m128i sum4(const ivec d[4]) {
+  const ivec t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0], d[1]), _mm512_unpackhi_epi32(d[0], d[1]));
+  const ivec t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2], d[3]), _mm512_unpackhi_epi32(d[2], d[3]));
+  const ivec u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define CHATGLM_INTEGER_ISA "AVX2"
 constexpr int kInt8Offset = 0;
-using iacc = __m256;
-struct WBlock { __m256i v[4]; };
-struct XBlock { __m256i v[4]; };
-static inline iacc iacc_zero() { return _mm256_setzero_ps(); }
-static inline float iacc_sum(iacc a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+constexpr int kLanes = 8;
+constexpr int kMaxRows[2] = {2, 1};  // the same in 16 registers
+using ivec = __m256i;
+static inline ivec iload(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline ivec izero() { return _mm256_setzero_si256(); }
+static inline ivec ibroadcast(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
 }
-static inline void load_x(XBlock& x, const int8_t* p) {
-  for (int i = 0; i < 4; i++) x.v[i] = _mm256_loadu_si256((const __m256i*)(p + 32 * i));
-}
-// The int4 activation block is (64 even k, 64 odd k): bytes [0, 32) hold the k of x.v[0] (high nibbles) and of
-// x.v[2] (low nibbles), bytes [32, 64) those of x.v[1] and x.v[3].
-static inline void load_w4(WBlock& w, const int8_t* p) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(0x08);
-  for (int h = 0; h < 2; h++) {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * h));
-    w.v[h] = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), eight);
-    w.v[2 + h] = _mm256_xor_si256(_mm256_and_si256(v, low4), eight);
-  }
-}
-static inline void load_w8(WBlock& w, const int8_t* p) {
-  for (int i = 0; i < 4; i++) w.v[i] = _mm256_loadu_si256((const __m256i*)(p + 32 * i));
-}
+static inline ivec iset1(int32_t a) { return _mm256_set1_epi32(a); }
+static inline ivec iadd(ivec a, ivec b) { return _mm256_add_epi32(a, b); }
+static inline ivec isub(ivec a, ivec b) { return _mm256_sub_epi32(a, b); }
+static inline ivec ishl8(ivec a) { return _mm256_slli_epi32(a, 8); }
 template <int BITS>
-static inline iacc block_fma(const WBlock& w, const XBlock& x, float xs, iacc acc) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i dot;
-  if constexpr (BITS == 4) {  // four int16 pair sums of at most 15 * 127 * 2 each still fit int16
-    __m256i s = _mm256_maddubs_epi16(w.v[0], x.v[0]);
-    for (int i = 1; i < 4; i++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w.v[i], x.v[i]));
-    dot = _mm256_madd_epi16(s, ones);
-  } else {  // |q| <= 128 as an unsigned byte, x in [-127, 127] takes q's sign: pair sums <= 32512
-    dot = _mm256_setzero_si256();
-    for (int i = 0; i < 4; i++) {
-      const __m256i s = _mm256_maddubs_epi16(_mm256_abs_epi8(w.v[i]), _mm256_sign_epi8(x.v[i], w.v[i]));
-      dot = _mm256_add_epi32(dot, _mm256_madd_epi16(s, ones));
-    }
+static inline ivec idot(ivec acc, ivec w, ivec x) {
+  const ivec ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 4) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+  } else {
+    const ivec pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
   }
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs), acc);
+}
+static inline void transpose(ivec r[kLanes]) {  // 8 x 8 dwords
+  ivec t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int q = 0; q < 8; q += 4) {  // u[q + c], 128-bit lane L: dword 4L + c of rows q..q+3
+    u[q] = _mm256_unpacklo_epi64(t[q], t[q + 2]);
+    u[q + 1] = _mm256_unpackhi_epi64(t[q], t[q + 2]);
+    u[q + 2] = _mm256_unpacklo_epi64(t[q + 1], t[q + 3]);
+    u[q + 3] = _mm256_unpackhi_epi64(t[q + 1], t[q + 3]);
+  }
+  for (int c = 0; c < 4; c++) {
+    r[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+  }
+}
+static inline void decode4(ivec v, ivec& even, ivec& odd) {
+  const ivec low4 = _mm256_set1_epi8(0x0F);
+  v = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x88));
+  even = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  odd = _mm256_and_si256(v, low4);
+}
+static inline ivec decode8(ivec v) { return v; }  // signed: idot<8> takes |q| and moves the sign
+static inline vf vabsmax(vf m, const float* x) {
+  return _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), vload(x)));
+}
+static inline float vmax_lanes(vf m) {
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps(a, a, 1)));
+}
+static inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vclamp127(vf a) { return _mm256_min_ps(_mm256_max_ps(a, vset1(-127.f)), vset1(127.f)); }
+static inline void vstore_i32(int32_t* p, vf a) { _mm256_storeu_si256((__m256i*)p, _mm256_cvtps_epi32(a)); }
+static inline __m128i sum4(const ivec d[4]) {
+  const ivec t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(d[0], d[1]), _mm256_unpackhi_epi32(d[0], d[1]));
+  const ivec t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(d[2], d[3]), _mm256_unpackhi_epi32(d[2], d[3]));
+  const ivec u = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+  return _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
 }
 #endif
 
 #ifdef CHATGLM_INTEGER_ISA
 constexpr bool kIntegerPath = true;
-// x [M, K] fp32 -> xq [M, K] int8 (for int4 each block de-interleaved: its 64 even k, then its 64 odd k),
-// xs [M, K / QB] block scales, corr [M] = off * sum over blocks of xs * sum(xq).
-static void quantize_rows(const float* x, int64_t M, int64_t K, bool deinterleaved, int off, int8_t* xq,
-                          float* xs, float* corr) {
-  const int64_t nb = K / QB;
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) {
-      float c = 0.f;
-      for (int64_t b = 0; b < nb; b++) {
-        const float* xb = x + m * K + b * QB;
-        float amax = 0.f;
-        for (int64_t i = 0; i < QB; i++) amax = std::max(amax, std::fabs(xb[i]));
-        const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        int8_t* qb = xq + m * K + b * QB;
-        int sum = 0;
-        for (int64_t i = 0; i < QB; i++) {
-          const int v = (int)std::nearbyint(xb[i] * inv);
-          qb[deinterleaved ? (i % 2) * (QB / 2) + i / 2 : i] = (int8_t)v;
-          sum += v;
+constexpr int kTile = kGroups * kLanes;  // weight rows per tile
+static_assert(kLanes == V, "the float accumulators use the vector layer's width");
+
+// Input rows quantized for the integer path: q [passes][nb][M][QB] int8 (block-major: one block of every row is
+// contiguous, for the sweep of a block), each block in the kernel's k order. A block's products of pass p, S_p, are
+// taken together as S = S_0 (one pass) or 256 S_0 + S_1 (two: |256 S_0| < 2^31 for int8 weights too), exact in
+// int32; the float sum takes S - offset[m][nb] (the weight offset's share, the same combination of the blocks'
+// sums of q) times scale[m][nb] (absmax / 127, over 256 with two passes), once per block.
+struct Activations {
+  int64_t M, K, nb;
+  int passes;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> offset;
+
+  Activations(const float* x, int64_t M_, int64_t K_, int bits, int passes_)
+      : M(M_), K(K_), nb(K_ / QB), passes(passes_), q(passes_ * M_ * K_), scale(M_ * nb), offset(M_ * nb) {
+    const int off = bits == 4 ? 8 : kInt8Offset;
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      alignas(64) int32_t rounded[2][QB];
+      for (int64_t m = m0; m < m1; m++)
+        for (int64_t b = 0; b < nb; b++) {
+          const float* xb = x + m * K + b * QB;
+          vf most = vzero();
+          for (int64_t i = 0; i < QB; i += V) most = vabsmax(most, xb + i);
+          const float amax = vmax_lanes(most), inv = amax > 0.f ? 127.f / amax : 0.f;
+          for (int64_t i = 0; i < QB; i += V) {
+            const vf v = vset1(inv) * vload(xb + i), q0 = vround(v);
+            vstore_i32(rounded[0] + i, q0);
+            if (passes == 2) vstore_i32(rounded[1] + i, vclamp127(vround((v - q0) * vset1(256.f))));
+          }
+          int32_t sums = 0;
+          for (int p = 0; p < passes; p++) {
+            int8_t* qb = q.data() + ((p * nb + b) * M + m) * QB;
+            int32_t sum = 0;
+            for (int64_t i = 0; i < QB; i++) {
+              qb[bits == 4 ? (i & 1) * (QB / 2) + i / 2 : i] = (int8_t)rounded[p][i];
+              sum += rounded[p][i];
+            }
+            sums = sums * 256 + sum;
+          }
+          offset[m * nb + b] = off * sums;
+          scale[m * nb + b] = amax / 127.f / (passes == 2 ? 256.f : 1.f);
         }
-        xs[m * nb + b] = scale;
-        c += scale * (float)sum;
+    });
+  }
+  // the 4 bytes of pass p, row m, block b at k step s
+  const int8_t* at(int p, int64_t m, int64_t b, int s) const { return q.data() + ((p * nb + b) * M + m) * QB + 4 * s; }
+  int32_t block_offset(int64_t m, int64_t b) const { return offset[m * nb + b]; }
+  float block_scale(int64_t m, int64_t b) const { return scale[m * nb + b]; }
+};
+
+// Both tilings end a row's sum the same way (explicitly fused, so that the compiler's contraction cannot differ).
+static inline float output(float sum, float scale, float bias) { return std::fma(sum, scale, bias); }
+
+// The decoded weights of one block of a tile: wbuf[s * kGroups + g] = rows [g * kLanes, (g + 1) * kLanes), k step s.
+// row[i]: the tile's row i at block 0; step[i]: its bytes per block (0 for the zero rows that pad the last tile).
+// prefetch: kTile * QB * BITS / 8 bytes to bring towards the cache (or nullptr), a cache line with each row chunk
+// loaded (as many with AVX-512; with AVX2, with the first half): spread out, the prefetches do not fill the core's
+// queue of misses at once.
+template <int BITS>
+static void pack_block(const int8_t* const row[kTile], const int64_t step[kTile], int64_t b, ivec* wbuf,
+                       const int8_t* prefetch) {
+  constexpr int kChunks = QB * BITS / 32 / kLanes;  // kLanes dwords of each row per transpose
+  constexpr int kLines = kTile * QB * BITS / 8 / 64;
+  for (int g = 0; g < kGroups; g++)
+    for (int c = 0; c < kChunks; c++) {
+      ivec r[kLanes];
+      for (int i = 0; i < kLanes; i++) {
+        const int load = (g * kChunks + c) * kLanes + i;
+        if (prefetch && load < kLines) __builtin_prefetch(prefetch + load * 64, 0, 2);
+        r[i] = iload(row[g * kLanes + i] + b * step[g * kLanes + i] + c * kLanes * 4);
       }
-      corr[m] = c * (float)off;
+      transpose(r);
+      for (int j = 0; j < kLanes; j++) {
+        const int d = c * kLanes + j;  // dword of the block: k 8d..8d+7 (int4), 4d..4d+3 (int8)
+        if constexpr (BITS == 4) decode4(r[j], wbuf[d * kGroups + g], wbuf[(kSteps / 2 + d) * kGroups + g]);
+        else wbuf[d * kGroups + g] = decode8(r[j]);
+      }
     }
-  });
 }
 
-// pf: the next tile's weights (or nullptr), prefetched as the fp32 tile does: ROWS * ldw bytes over nb blocks.
-template <int BITS, int ROWS, int MROWS>
-static void int_tile(const int8_t* xq, const float* xs, const float* corr, int64_t K, const int8_t* w, int64_t ldw,
-                     const float* scale, const float* bias, float* out, int64_t ldo, const int8_t* pf) {
-  const int64_t nb = K / QB;
-  constexpr int kLines = ROWS * BITS * QB / 8 / 64;  // cache lines of the next tile per block
-  iacc acc[MROWS][ROWS];
-  for (int m = 0; m < MROWS; m++)
-    for (int r = 0; r < ROWS; r++) acc[m][r] = iacc_zero();
-  for (int64_t b = 0; b < nb; b++) {
-    if (pf)
-      for (int j = 0; j < kLines; j++) __builtin_prefetch(pf + (b * kLines + j) * 64, 0, 2);
-    WBlock wb[ROWS];
-    for (int r = 0; r < ROWS; r++) {
-      if constexpr (BITS == 4) load_w4(wb[r], w + r * ldw + b * (QB / 2));
-      else load_w8(wb[r], w + r * ldw + b * QB);
-    }
-    for (int m = 0; m < MROWS; m++) {
-      XBlock xb;
-      load_x(xb, xq + m * K + b * QB);
-      const float sb = xs[m * nb + b];
-      for (int r = 0; r < ROWS; r++) acc[m][r] = block_fma<BITS>(wb[r], xb, sb, acc[m][r]);
+// Output rows [n, n + kTile) of input rows m0..m0+ROWS, one block of decoded weights (as pack_block lays it out)
+// at a time: each block's exact S (see Activations) meets the float scale once, in block order. ROWS == 1 splits
+// each product over two chains (even and odd k steps): a lone row is bound by the instruction's latency, not its
+// throughput. Integer sums are exact, so the split does not change the result.
+template <int BITS, int PASSES, int ROWS>
+struct Sweep {
+  static constexpr int kChains = ROWS == 1 ? 2 : 1;
+  const Activations& x;
+  const int64_t m0;
+  float* const carry;  // [ROWS][kTile]: the sums between two segments of the blocks
+  vf acc[ROWS][kGroups];
+
+  Sweep(const Activations& x_, int64_t m0_, float* carry_, bool first) : x(x_), m0(m0_), carry(carry_) {
+    for (int m = 0; m < ROWS; m++)
+      for (int g = 0; g < kGroups; g++) acc[m][g] = first ? vzero() : vload(carry + m * kTile + g * kLanes);
+  }
+
+  void save() const {
+    for (int m = 0; m < ROWS; m++)
+      for (int g = 0; g < kGroups; g++) vstore(carry + m * kTile + g * kLanes, acc[m][g]);
+  }
+
+  void block(const ivec* wb, int64_t b) {
+    ivec dot[PASSES][ROWS][kGroups][kChains];
+    for (auto& p : dot)
+      for (auto& m : p)
+        for (auto& g : m)
+          for (auto& c : g) c = izero();
+    for (int s0 = 0; s0 < kSteps; s0 += kChains)
+      for (int c = 0; c < kChains; c++) {  // a constant index once unrolled: the chains stay in registers
+        const int s = s0 + c;
+        ivec w[kGroups];
+        for (int g = 0; g < kGroups; g++) w[g] = wb[s * kGroups + g];
+        for (int p = 0; p < PASSES; p++)
+          for (int m = 0; m < ROWS; m++) {
+            const ivec xv = ibroadcast(x.at(p, m0 + m, b, s));
+            for (int g = 0; g < kGroups; g++) dot[p][m][g][c] = idot<BITS>(dot[p][m][g][c], w[g], xv);
+          }
+      }
+    for (int m = 0; m < ROWS; m++) {
+      const vf sb = vset1(x.block_scale(m0 + m, b));
+      const ivec off = iset1(x.block_offset(m0 + m, b));
+      for (int g = 0; g < kGroups; g++) {
+        ivec sum[PASSES];
+        for (int p = 0; p < PASSES; p++)
+          sum[p] = kChains == 2 ? iadd(dot[p][m][g][0], dot[p][m][g][kChains - 1]) : dot[p][m][g][0];
+        const ivec exact = PASSES == 2 ? iadd(ishl8(sum[0]), sum[PASSES - 1]) : sum[0];
+        acc[m][g] = vfma(vcvt(isub(exact, off)), sb, acc[m][g]);
+      }
     }
   }
-  for (int m = 0; m < MROWS; m++)
-    for (int r = 0; r < ROWS; r++)
-      out[m * ldo + r] = (iacc_sum(acc[m][r]) - corr[m]) * scale[r] + (bias ? bias[r] : 0.f);
-}
 
-template <int BITS, int ROWS>
-static void int_rows(const int8_t* xq, const float* xs, const float* corr, int64_t M, int64_t K, const int8_t* w,
-                     int64_t ldw, int64_t n, const float* scale, const float* bias, float* out, int64_t N,
-                     bool prefetch) {
-  const int64_t nb = K / QB;
-  for (int64_t m = 0; m < M; m += MB) {
-    const int8_t* xm = xq + m * K;
-    const float *sm = xs + m * nb, *cm = corr + m, *bn = bias ? bias + n : nullptr;
-    float* om = out + m * N + n;
-    const int8_t* wn = w + n * ldw;
-    const int8_t* pf = prefetch && m == 0 ? wn + ROWS * ldw : nullptr;  // the first sweep reads from DRAM
-    switch (std::min<int64_t>(MB, M - m)) {
-      case 4: int_tile<BITS, ROWS, 4>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
-      case 3: int_tile<BITS, ROWS, 3>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
-      case 2: int_tile<BITS, ROWS, 2>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
-      default: int_tile<BITS, ROWS, 1>(xm, sm, cm, K, wn, ldw, scale + n, bn, om, N, pf); break;
+  void finish(int64_t n, int64_t N, const float* scale, const float* bias, float* out) const {
+    const int64_t rows = std::min<int64_t>(kTile, N - n);
+    for (int m = 0; m < ROWS; m++) {
+      alignas(64) float sums[kTile];
+      for (int g = 0; g < kGroups; g++) vstore(sums + g * kLanes, acc[m][g]);
+      float* o = out + (m0 + m) * N + n;
+      for (int64_t i = 0; i < rows; i++) o[i] = output(sums[i], scale[n + i], bias ? bias[n + i] : 0.f);
     }
+  }
+};
+
+// A few input rows (decoding) read the weights once and each weight is used by at most 4 rows: transposing them
+// would cost more than it saves. Those rows take the checkpoint's row-major layout as it is: ROWS (<= R) weight rows
+// at a time, each row's block decoded into vectors (k along the lanes) and multiplied with the activation block as
+// stored; the lanes of the 4 rows' products are summed per block (exact int32), and the sums meet the scales as in
+// Sweep, in the same order: a row gives the same result here as in a larger batch. prefetch: the next ROWS rows (or
+// nullptr), a 1 / nb share with each block.
+template <int BITS, int PASSES, int MROWS, int ROWS>
+static void few_rows(const Activations& x, const int8_t* w, int64_t ldw, int64_t n, int64_t N, const float* scale,
+                     const float* bias, float* out, const int8_t* prefetch) {
+  static_assert(ROWS <= 4, "sum4 takes 4 rows");
+  constexpr int kChunks = QB * BITS / 32 / kLanes;        // vectors of a row's block bytes
+  constexpr int64_t kBlockBytes = QB * BITS / 8, kLines = ROWS * kBlockBytes / 64;
+  __m128 acc[MROWS];
+  for (auto& a : acc) a = _mm_setzero_ps();
+  for (int64_t b = 0; b < x.nb; b++) {
+    if (prefetch)
+      for (int64_t j = 0; j < kLines; j++) __builtin_prefetch(prefetch + (b * kLines + j) * 64, 0, 2);
+    ivec wv[ROWS][BITS == 4 ? 2 * kChunks : kChunks];  // int4: chunk c's even k at c, its odd k at kChunks + c
+    for (int r = 0; r < ROWS; r++)
+      for (int c = 0; c < kChunks; c++) {
+        const ivec v = iload(w + r * ldw + b * kBlockBytes + c * kLanes * 4);
+        if constexpr (BITS == 4) decode4(v, wv[r][c], wv[r][kChunks + c]);
+        else wv[r][c] = decode8(v);
+      }
+    for (int m = 0; m < MROWS; m++) {
+      ivec dot[4] = {izero(), izero(), izero(), izero()};
+      for (int p = 0; p < PASSES; p++) {
+        const int8_t* xb = x.at(p, m, b, 0);
+        if (p) for (int r = 0; r < ROWS; r++) dot[r] = ishl8(dot[r]);  // 256 S_0 + S_1, lane by lane
+        for (int c = 0; c < (BITS == 4 ? 2 * kChunks : kChunks); c++) {
+          const ivec xv = iload(xb + c * kLanes * 4);
+          for (int r = 0; r < ROWS; r++) dot[r] = idot<BITS>(dot[r], wv[r][c], xv);
+        }
+      }
+      const __m128i exact = _mm_sub_epi32(sum4(dot), _mm_set1_epi32(x.block_offset(m, b)));
+      acc[m] = _mm_fmadd_ps(_mm_cvtepi32_ps(exact), _mm_set1_ps(x.block_scale(m, b)), acc[m]);
+    }
+  }
+  for (int m = 0; m < MROWS; m++) {
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, acc[m]);
+    for (int r = 0; r < ROWS; r++) out[m * N + n + r] = output(sums[r], scale[n + r], bias ? bias[n + r] : 0.f);
+  }
+}
+constexpr int64_t kFewRows = 4;  // input rows up to which few_rows is used
+constexpr int64_t kChunkBytes = 4 << 20;  // activation bytes of the input rows one sweep of the tiles takes
+
+// Output rows [n, n + kTile) (fewer in the last tile) for input rows [m_begin, m_end): the tile's weights are decoded
+// once into panel, kSegmentBlocks blocks at a time (kTile x 4096 bytes: it stays in the L2 with the next tile's
+// prefetched weights), and each segment is swept by the input rows, kMaxRows at a time; carry holds their sums
+// between segments. next: the following tile's first row, or nullptr; a 1 / nb share of it is prefetched with each
+// block decoded, in address order (rows are a few KB: too short for the hardware prefetcher to ramp up, and kTile
+// of them read side by side are too many streams for it).
+constexpr int64_t kSegmentBlocks = 32;
+template <int BITS, int PASSES>
+static void integer_tile(const Activations& x, int64_t m_begin, int64_t m_end, const int8_t* w, int64_t ldw, int64_t n,
+                         int64_t N, const float* scale, const float* bias, float* out, ivec* panel, float* carry,
+                         const int8_t* next) {
+  static const int8_t zeros[QB] = {};
+  constexpr int64_t kBlockBytes = QB * BITS / 8;
+  const int8_t* row[kTile];
+  int64_t step[kTile];
+  for (int i = 0; i < kTile; i++) {
+    row[i] = n + i < N ? w + (n + i) * ldw : zeros;
+    step[i] = n + i < N ? kBlockBytes : 0;
+  }
+  for (int64_t b0 = 0; b0 < x.nb; b0 += kSegmentBlocks) {
+    const int64_t b1 = std::min(x.nb, b0 + kSegmentBlocks);
+    for (int64_t b = b0; b < b1; b++)
+      pack_block<BITS>(row, step, b, panel + (b - b0) * kSteps * kGroups,
+                       next ? next + b * kTile * kBlockBytes : nullptr);
+    auto sweep = [&](auto rows, int64_t m0) {
+      Sweep<BITS, PASSES, decltype(rows)::value> rows_sweep(x, m0, carry + (m0 - m_begin) * kTile, b0 == 0);
+      for (int64_t b = b0; b < b1; b++) rows_sweep.block(panel + (b - b0) * kSteps * kGroups, b);
+      if (b1 == x.nb) rows_sweep.finish(n, N, scale, bias, out);
+      else rows_sweep.save();
+    };
+    constexpr int kMost = kMaxRows[PASSES - 1];
+    int64_t m = m_begin;
+    for (; m + kMost <= m_end; m += kMost) sweep(std::integral_constant<int, kMost>{}, m);
+    if constexpr (kMost > 4) if (m + 4 <= m_end) { sweep(std::integral_constant<int, 4>{}, m); m += 4; }
+    if constexpr (kMost > 2) if (m + 2 <= m_end) { sweep(std::integral_constant<int, 2>{}, m); m += 2; }
+    if constexpr (kMost > 1) if (m + 1 <= m_end) { sweep(std::integral_constant<int, 1>{}, m); m += 1; }
   }
 }
 
 template <int BITS>
 static void integer_linear(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const float* scale,
-                           const float* bias, float* out) {
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> xs(M * (K / QB)), corr(M);
-  quantize_rows(x, M, K, BITS == 4, BITS == 4 ? 8 : kInt8Offset, xq.data(), xs.data(), corr.data());
-  const int64_t ldw = K * BITS / 8;
-  over_row_tiles(N, [&](int64_t n, auto rows, bool prefetch) {
-    int_rows<BITS, decltype(rows)::value>(xq.data(), xs.data(), corr.data(), M, K, w, ldw, n, scale, bias, out, N,
-                                          prefetch);
-  });
+                           const float* bias, float* out, int passes) {
+  const Activations xa(x, M, K, BITS, passes);
+  const int64_t ldw = K * BITS / 8, tiles = (N + kTile - 1) / kTile;
+  if (M <= kFewRows) {
+    over_row_tiles(N, [&](int64_t n, auto rows, bool prefetch) {
+      constexpr int kRows = decltype(rows)::value;
+      const int8_t* next = prefetch ? w + (n + kRows) * ldw : nullptr;
+      auto run = [&](auto passes) {
+        constexpr int P = decltype(passes)::value;
+        if (M == 1) few_rows<BITS, P, 1, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
+        else if (M == 2) few_rows<BITS, P, 2, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
+        else if (M == 3) few_rows<BITS, P, 3, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
+        else few_rows<BITS, P, 4, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
+      };
+      if (passes == 2) run(std::integral_constant<int, 2>{});
+      else run(std::integral_constant<int, 1>{});
+    });
+    return;
+  }
+  // Input rows in chunks whose activations stay in the L3 while every tile sweeps them (a tile's weights are read
+  // and decoded again for each chunk: a few per cent of the products' time).
+  const int64_t chunk = std::max<int64_t>(kMaxRows[passes - 1], kChunkBytes / (passes * K));
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t m1 = std::min(M, m0 + chunk);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::unique_ptr<ivec[]> panel(new ivec[kSegmentBlocks * kSteps * kGroups]);  // not zeroed: written first
+      std::vector<float> carry((m1 - m0) * kTile);
+      for (int64_t t = t0; t < t1; t++) {
+        const int8_t* next = t + 1 < t1 && (t + 2) * kTile <= N ? w + (t + 1) * kTile * ldw : nullptr;
+        if (passes == 2)
+          integer_tile<BITS, 2>(xa, m0, m1, w, ldw, t * kTile, N, scale, bias, out, panel.get(), carry.data(), next);
+        else integer_tile<BITS, 1>(xa, m0, m1, w, ldw, t * kTile, N, scale, bias, out, panel.get(), carry.data(), next);
+      }
+    });
+  }
 }
 #else
 #define CHATGLM_INTEGER_ISA ""
 constexpr bool kIntegerPath = false;
 template <int BITS>
-static void integer_linear(const float*, int64_t, int64_t, const int8_t*, int64_t, const float*, const float*,
-                           float*) {}
+static void integer_linear(const float*, int64_t, int64_t, const int8_t*, int64_t, const float*, const float*, float*,
+                           int) {}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -868,7 +1126,8 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, int64_
 constexpr int64_t kGemmRows = 64;
 constexpr int64_t kBlockBytes = 8 << 20;
 
-// integer: 1 takes the integer path where this build has it and K is a multiple of QB (else the fp32 path).
+// integer: 1 takes the integer path in one pass, 2 in two, where this build has it and K is a multiple of QB; 0
+// (and any other case) the fp32 path.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                   const c10::optional<at::Tensor>& bias, int64_t bits, int64_t integer) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
@@ -890,10 +1149,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
 
   if (integer && kIntegerPath && K % QB == 0 && M > 0 && N > 0) {
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    const int passes = integer >= 2 ? 2 : 1;
     if (bits == 8) integer_linear<8>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
-                                  out.data_ptr<float>());
+                                  out.data_ptr<float>(), passes);
     else integer_linear<4>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
-                        out.data_ptr<float>());
+                        out.data_ptr<float>(), passes);
   } else if (M > kGemmRows) {
     const int64_t rows = std::max<int64_t>(R, kBlockBytes / (4 * K));
     for (int64_t n0 = 0; n0 < N; n0 += rows) {

@@ -57,27 +57,61 @@ def test_quantized_checkpoint_reloads_without_quantizing_again(tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
-def test_original_int4_layout_loads(tiny, tiny_dir, tmp_path, monkeypatch):
-    """A THUDM/chatglm-6b-int4-style directory: config quantization_bit 4, pytorch_model.bin with
-    int8 `weight` [out, in/2] and fp16 `weight_scale` per quantized linear, fp16 everything else."""
-    from chatglm_6b import kernels
-
-    # fp32 activations: rounding them to int8 would turn the fp16 rounding of the other weights into whole steps
-    monkeypatch.setattr(kernels.settings, "integer_activations", False)
+def original_int4_checkpoint(tiny, tiny_dir, directory):
+    """A THUDM/chatglm-6b-int4-style directory: config quantization_bit 4, pytorch_model.bin with int8 `weight`
+    [out, in/2] and fp16 `weight_scale` per quantized linear, fp16 everything else. Returns the model it came from."""
     model, tokenizer = tiny
     quantized = ChatGLMForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).quantize(4)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in quantized.state_dict().items()}
     assert state["transformer.layers.0.attention.dense.weight"].dtype == torch.int8
-    torch.save(state, tmp_path / "pytorch_model.bin")
+    torch.save(state, directory / "pytorch_model.bin")
     config = json.load(open(os.path.join(tiny_dir, "config.json")))
     config["quantization_bit"] = 4
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    tokenizer.save_pretrained(str(tmp_path))
-    loaded, _ = load_model_and_tokenizer(str(tmp_path), device="cpu")
+    (directory / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(str(directory))
+    return quantized
+
+
+def test_original_int4_layout_loads(tiny, tiny_dir, tmp_path, monkeypatch):
+    from chatglm_6b import kernels
+
+    # fp32 activations: rounding them to int8 would turn the fp16 rounding of the other weights into whole steps
+    monkeypatch.setattr(kernels.settings, "activations", "fp32")
+    quantized = original_int4_checkpoint(tiny, tiny_dir, tmp_path)
+    loaded, tokenizer = load_model_and_tokenizer(str(tmp_path), device="cpu")
     assert isinstance(loaded.transformer.layers[1].mlp.dense_4h_to_h, QuantizedLinear)
     inputs = tokenizer(["你好"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, quantized(**inputs).logits, atol=2e-2, rtol=2e-2)
+
+
+def test_fp32_activations_compute_as_the_original_cpu_code_on_an_int4_checkpoint(tiny, tiny_dir, tmp_path,
+                                                                                 monkeypatch):
+    """The original's CPU path for a quantized linear decodes the weight to fp32 (q * scale) and multiplies in fp32:
+    with activations "fp32", a pre-quantized -int4 checkpoint gives those logits within 1e-5, whatever the number of
+    rows (the kernel's few-row and many-row paths)."""
+    import copy
+
+    from chatglm_6b import kernels
+    from chatglm_6b.quantization import dequantize_weight
+
+    monkeypatch.setattr(kernels.settings, "activations", "fp32")
+    original_int4_checkpoint(tiny, tiny_dir, tmp_path)
+    loaded, tokenizer = load_model_and_tokenizer(str(tmp_path), device="cpu", dtype=torch.float32)
+    decoded = copy.deepcopy(loaded)
+    for layer in decoded.transformer.layers:
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, QuantizedLinear):
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                linear.weight.data = dequantize_weight(module.weight, module.weight_scale.float(), module.bits)
+                if module.bias is not None:
+                    linear.bias.data = module.bias.float()
+                parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+                setattr(parent, name.rsplit(".", 1)[-1], linear)
+    for text in ("你好", "晚上睡不着应该怎么办？请给我一些建议，越详细越好。"):
+        inputs = tokenizer([text], return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).logits, decoded(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_front_end_options_reach_the_loader():
@@ -272,6 +306,8 @@ def test_activation_schemes_quantize_as_the_kernel_does():
     assert torch.allclose(per_128[1, :128], torch.round(block / step) * step)
     assert (per_128 - x).abs().max() <= x.abs().max() / 127 / 2 + 1e-6
     assert torch.equal(quantized_groups(x, 0)[0], quantized_groups(x[:1], 256)[0])  # per token = one group a row
+    two_passes = quantized_groups(x, 128, passes=2)  # the default int8x2: the residual at 1/256 of the step
+    assert (two_passes - x).abs().max() <= x.abs().max() / 127 / 256 / 2 + 1e-6
     kept = outliers_in_bf16(x)
     assert kept[1, 7] == torch.tensor(50.0).bfloat16().float()  # the outlier channel is not quantized
     assert (kept - x)[1].abs().max() < (per_128 - x)[1].abs().max() / 4  # and no longer widens its block's step

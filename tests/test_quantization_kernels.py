@@ -72,7 +72,7 @@ SHAPES = [(1, 4096, 4096), (1, 37, 130), (3, 50, 258), (7, 64, 1000), (16, 33, 1
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_kernel_matches_reference_fp32(kernels, monkeypatch, bits, M, N, K):
-    monkeypatch.setattr(kernel_module.settings, "integer_activations", False)  # the fp32 path (the only one of a scalar build)
+    monkeypatch.setattr(kernel_module.settings, "activations", "fp32")  # the fp32 path (the only one of a scalar build)
     torch.manual_seed(M * N + K)
     w, b = torch.randn(N, K), torch.randn(N)
     q, s = Q.quantize_weight(w, bits)
@@ -99,33 +99,51 @@ def test_kernel_low_precision_inputs(kernels, bits, dtype):
     torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=1e-2, atol=1e-2)
 
 
-def same_quantization_reference(x, q, s, b, bits):
+def same_quantization_reference(x, q, s, b, bits, passes=1):
     """The integer path's arithmetic in torch: x rounded to int8 per block of the kernel's activation_block()
-    values (scale absmax / 127)."""
+    values (scale absmax / 127); with two passes, plus the first one's rounding error rounded at 1/256 of it."""
     M, K = x.shape
     block = kernel_module.cpu_kernels().ops.activation_block()
     blocks = x.float().view(M, K // block, block)
-    step = blocks.abs().amax(-1, keepdim=True) / 127
-    xq = torch.where(step > 0, torch.round(blocks / step.clamp_min(1e-30)), torch.zeros_like(blocks))
-    return reference((xq * step).view(M, K), q, s, b, bits)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # as the kernel scales: by 127 / amax, a true division (a Python number over a tensor is a reciprocal, then a product)
+    scaled = blocks * torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    xq = torch.round(scaled)
+    if passes == 2:
+        xq = xq + torch.round((scaled - xq) * 256).clamp(-127, 127) / 256
+    return reference((xq * amax / 127).view(M, K), q, s, b, bits)
+
+
+@pytest.fixture(params=["int8", "int8x2"])
+def activations(request, monkeypatch):
+    """Each integer setting of the kernels, and its number of passes."""
+    monkeypatch.setattr(kernel_module.settings, "activations", request.param)
+    return kernel_module.ACTIVATION_PASSES[request.param]
 
 
 needs_integer_path = pytest.mark.skipif(not (kernel_module.cpu_kernels() and kernel_module.cpu_kernels().integer_path),
                                         reason="a build without AVX2 has no integer path")
 
 
+# Shapes that reach every part of the tiling: a few rows (the row-major kernel, up to 4), sweeps of the decoded tile
+# with their tails (5, 13 rows), output rows that do not fill a tile (N % 32), K in two segments of decoded blocks
+# (34 blocks of 128: 32 + 2), and input rows in two chunks (520 rows of 4096 values in two passes exceed the 4 MB a
+# sweep of the tiles takes).
+INTEGER_SHAPES = [(1, 5, 128), (2, 40, 256), (3, 17, 256), (4, 64, 4096), (5, 12, 1024), (13, 70, 512),
+                  (16, 33, 1024), (7, 37, 4352), (65, 9, 384), (600, 7, 256), (520, 40, 4096)]
+
+
 @needs_integer_path
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("M,N,K", [(1, 5, 128), (3, 17, 256), (4, 64, 4096), (5, 12, 1024), (16, 33, 1024),
-                                   (65, 9, 384), (600, 7, 256)])
-def test_integer_path_is_the_int8_activation_arithmetic(kernels, bits, M, N, K):
+@pytest.mark.parametrize("M,N,K", INTEGER_SHAPES)
+def test_integer_path_is_the_int8_activation_arithmetic(kernels, activations, bits, M, N, K):
     torch.manual_seed(M + N + K)
     q, s = Q.quantize_weight(torch.randn(N, K) * 0.02, bits)
     x, b = torch.randn(M, K) * 3, torch.randn(N)
     y = Q.quantized_linear(x, q, s, b, bits)
-    torch.testing.assert_close(y, same_quantization_reference(x, q, s, b, bits), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, same_quantization_reference(x, q, s, b, bits, activations), rtol=1e-5, atol=1e-5)
     exact = reference(x, q, s, b, bits)  # the fp32 path's result: within the int8 rounding of x
-    assert ((y - exact).abs().max() / exact.abs().max()) < 1e-2
+    assert ((y - exact).abs().max() / exact.abs().max()) < (1e-2 if activations == 1 else 1e-4)
 
 
 @needs_integer_path
@@ -139,25 +157,48 @@ def test_rows_that_are_not_whole_activation_blocks_take_the_fp32_path(kernels, b
 
 
 @needs_integer_path
-def test_integer_path_takes_strided_low_precision_and_zero_inputs(kernels):
+@pytest.mark.parametrize("rows", [3, 7])  # the row-major kernel and the decoded tile
+def test_integer_path_takes_strided_low_precision_and_zero_inputs(kernels, activations, rows):
     q, s = Q.quantize_weight(torch.randn(40, 256), 4)
-    wide = torch.randn(3, 512).bfloat16()
+    wide = torch.randn(rows, 512).bfloat16()
     x = wide[:, ::2]  # strided
     x[1] = 0  # an all-zero row: scale 0, output = bias
     b = torch.randn(40)
     y = Q.quantized_linear(x, q, s, b, 4)
     assert y.dtype == torch.bfloat16 and torch.equal(y[1], b.bfloat16())
-    torch.testing.assert_close(y.float(), same_quantization_reference(x.float(), q, s, b, 4), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.float(), same_quantization_reference(x.float(), q, s, b, 4, activations),
+                               rtol=1e-2, atol=1e-2)
 
 
 @needs_integer_path
 @pytest.mark.parametrize("bits", [8, 4])
-def test_a_row_gives_the_same_result_alone_and_in_a_batch(kernels, bits):
+def test_a_row_gives_the_same_result_alone_and_in_a_batch(kernels, activations, bits):
+    """Alone a row takes the row-major kernel, in 9 or 13 rows the decoded tile: the same products, exactly."""
     q, s = Q.quantize_weight(torch.randn(70, 512), bits)
-    x = torch.randn(9, 512)
-    batched = Q.quantized_linear(x, q, s, None, bits)
-    for i in range(9):
-        assert torch.equal(Q.quantized_linear(x[i:i + 1], q, s, None, bits), batched[i:i + 1])
+    b = torch.randn(70)
+    x = torch.randn(13, 512)
+    batched = Q.quantized_linear(x, q, s, b, bits)
+    assert torch.equal(Q.quantized_linear(x[:9], q, s, b, bits), batched[:9])
+    for i in range(13):
+        assert torch.equal(Q.quantized_linear(x[i:i + 1], q, s, b, bits), batched[i:i + 1])
+    assert torch.equal(Q.quantized_linear(x[3:7], q, s, b, bits), batched[3:7])
+
+
+@needs_integer_path
+def test_two_passes_take_the_first_ones_error_below_bf16s(kernels, monkeypatch):
+    """The default int8x2 activations against fp32 activations: a smaller error than rounding x to bf16 gives, on
+    inputs with outlier channels (40x, as bench_accuracy --outliers makes them); one int8 pass, a larger one."""
+    torch.manual_seed(0)
+    q, s = Q.quantize_weight(torch.randn(256, 1024) * 0.02, 4)
+    x = torch.randn(24, 1024)
+    x[:, [3, 200, 517, 900]] *= 40
+    exact = reference(x, q, s, None, 4)
+    bf16_error = (reference(x.bfloat16().float(), q, s, None, 4) - exact).abs().max()
+    errors = {}
+    for setting in ("int8x2", "int8"):
+        monkeypatch.setattr(kernel_module.settings, "activations", setting)
+        errors[setting] = (Q.quantized_linear(x, q, s, None, 4) - exact).abs().max()
+    assert errors["int8x2"] < bf16_error < errors["int8"]
 
 
 # ------------------------------------------------------------------------------------------------
