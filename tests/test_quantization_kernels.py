@@ -669,3 +669,17 @@ def test_the_narrower_builds_pass_the_same_tests(isa):
                         "-k", "not narrower_builds"], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+def test_the_activation_setting_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("CHATGLM_QUANT_FP32_ACTIVATIONS", raising=False)
+    monkeypatch.delenv("CHATGLM_ACTIVATIONS", raising=False)
+    assert kernel_module.KernelSettings().activations == "int8x2"
+    monkeypatch.setenv("CHATGLM_ACTIVATIONS", "int8")
+    assert kernel_module.KernelSettings().activations == "int8"
+    monkeypatch.setenv("CHATGLM_QUANT_FP32_ACTIVATIONS", "1")  # the older switch still means fp32
+    assert kernel_module.KernelSettings().activations == "fp32"
+    monkeypatch.delenv("CHATGLM_QUANT_FP32_ACTIVATIONS")
+    monkeypatch.setenv("CHATGLM_ACTIVATIONS", "int4")
+    with pytest.raises(ValueError, match="int8x2, int8, fp32"):
+        kernel_module.KernelSettings()
