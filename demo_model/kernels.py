@@ -56,7 +56,8 @@ def _environment_flag(name: str, value: str) -> bool:
 #   int8x2  int8 per block of 128 values, and a second int8 pass of the first one's rounding error at 1/256 of its
 #           scale: about 15 bits a value, less logit error than bf16 activations on a model with outlier channels
 #           (benchmarks/bench_accuracy.py --outliers), for twice the integer products
-#   int8    the first pass alone: half the products; 5-20x bf16's logit error on that model (same argmax there)
+#   int8    the first pass alone: half the products; 16-21x bf16's logit error on that model, 5x without its
+#           outlier channels (the same argmax there)
 #   fp32    weights decoded to fp32 for fp32 FMAs: the original's arithmetic
 # A build without an integer path, and K not a multiple of 128, take fp32.
 ACTIVATION_PASSES = {"int8x2": 2, "int8": 1, "fp32": 0}
