@@ -274,19 +274,14 @@ static inline ivec idot(ivec acc, ivec w, ivec x) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
   return acc;
 }
-// r[j] lane i <- r[i] lane j (16 x 16 dwords): pairs, then quads within 128-bit lanes, then the lanes themselves.
-static inline void transpose(ivec r[kLanes]) {
-  ivec t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int q = 0; q < 16; q += 4) {  // u[q + c], 128-bit lane L: dword 4L + c of rows q..q+3
-    u[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
-    u[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
-    u[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
-    u[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
-  }
+// The dword/qword interleaves transpose and sum4 start with (within 128-bit lanes, the same at both widths).
+static inline ivec iunpacklo32(ivec a, ivec b) { return _mm512_unpacklo_epi32(a, b); }
+static inline ivec iunpackhi32(ivec a, ivec b) { return _mm512_unpackhi_epi32(a, b); }
+static inline ivec iunpacklo64(ivec a, ivec b) { return _mm512_unpacklo_epi64(a, b); }
+static inline ivec iunpackhi64(ivec a, ivec b) { return _mm512_unpackhi_epi64(a, b); }
+// The transpose's last stage: u[q + c], 128-bit lane L, holds dword 4L + c of rows q..q+3 (transpose_quads);
+// r[4L + c] gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+static inline void transpose_lanes(const ivec u[kLanes], ivec r[kLanes]) {
   for (int c = 0; c < 4; c++) {
     const ivec s0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), s1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
     const ivec s2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
@@ -296,6 +291,11 @@ static inline void transpose(ivec r[kLanes]) {
     r[8 + c] = _mm512_shuffle_i32x4(s1, s3, 0x88);
     r[12 + c] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
   }
+}
+// The 128-bit lanes of u added together
+static inline __m128i sum_lanes(ivec u) {
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 // 4 int4 bytes of each row -> their high nibbles (even k) and low nibbles (odd k) as q + 8
 static inline void decode4(ivec v, ivec& even, ivec& odd) {
@@ -311,14 +311,6 @@ static inline float vmax_lanes(vf m) { return _mm512_reduce_max_ps(m); }
 static inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf vclamp127(vf a) { return _mm512_min_ps(_mm512_max_ps(a, vset1(-127.f)), vset1(127.f)); }
 static inline void vstore_i32(int32_t* p, vf a) { _mm512_storeu_si512(p, _mm512_cvtps_epi32(a)); }
-// The lane sums of d[0..3], as 4 int32 (pairs, then quads within 128-bit lanes, then across the lanes)
-static inline __m128i sum4(const ivec d[4]) {
-  const ivec t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0], d[1]), _mm512_unpackhi_epi32(d[0], d[1]));
-  const ivec t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2], d[3]), _mm512_unpackhi_epi32(d[2], d[3]));
-  const ivec u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
-  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define CHATGLM_INTEGER_ISA "AVX2"
 constexpr int kInt8Offset = 0;
@@ -346,22 +338,18 @@ static inline ivec idot(ivec acc, ivec w, ivec x) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
   }
 }
-static inline void transpose(ivec r[kLanes]) {  // 8 x 8 dwords
-  ivec t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int q = 0; q < 8; q += 4) {  // u[q + c], 128-bit lane L: dword 4L + c of rows q..q+3
-    u[q] = _mm256_unpacklo_epi64(t[q], t[q + 2]);
-    u[q + 1] = _mm256_unpackhi_epi64(t[q], t[q + 2]);
-    u[q + 2] = _mm256_unpacklo_epi64(t[q + 1], t[q + 3]);
-    u[q + 3] = _mm256_unpackhi_epi64(t[q + 1], t[q + 3]);
-  }
+static inline ivec iunpacklo32(ivec a, ivec b) { return _mm256_unpacklo_epi32(a, b); }
+static inline ivec iunpackhi32(ivec a, ivec b) { return _mm256_unpackhi_epi32(a, b); }
+static inline ivec iunpacklo64(ivec a, ivec b) { return _mm256_unpacklo_epi64(a, b); }
+static inline ivec iunpackhi64(ivec a, ivec b) { return _mm256_unpackhi_epi64(a, b); }
+static inline void transpose_lanes(const ivec u[kLanes], ivec r[kLanes]) {  // r[4L + c] = lane L of u[c], u[4 + c]
   for (int c = 0; c < 4; c++) {
     r[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
     r[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
   }
+}
+static inline __m128i sum_lanes(ivec u) {
+  return _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
 }
 static inline void decode4(ivec v, ivec& even, ivec& odd) {
   const ivec low4 = _mm256_set1_epi8(0x0F);
@@ -381,16 +369,33 @@ static inline float vmax_lanes(vf m) {
 static inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf vclamp127(vf a) { return _mm256_min_ps(_mm256_max_ps(a, vset1(-127.f)), vset1(127.f)); }
 static inline void vstore_i32(int32_t* p, vf a) { _mm256_storeu_si256((__m256i*)p, _mm256_cvtps_epi32(a)); }
-static inline __m128i sum4(const ivec d[4]) {
-  const ivec t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(d[0], d[1]), _mm256_unpackhi_epi32(d[0], d[1]));
-  const ivec t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(d[2], d[3]), _mm256_unpackhi_epi32(d[2], d[3]));
-  const ivec u = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
-  return _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-}
 #endif
 
 #ifdef CHATGLM_INTEGER_ISA
 constexpr bool kIntegerPath = true;
+
+// r[j] lane i <- r[i] lane j (kLanes x kLanes dwords): pairs, then quads within 128-bit lanes, then the lanes.
+static inline void transpose(ivec r[kLanes]) {
+  ivec t[kLanes], u[kLanes];
+  for (int i = 0; i < kLanes; i += 2) {
+    t[i] = iunpacklo32(r[i], r[i + 1]);
+    t[i + 1] = iunpackhi32(r[i], r[i + 1]);
+  }
+  for (int q = 0; q < kLanes; q += 4) {  // u[q + c], 128-bit lane L: dword 4L + c of rows q..q+3
+    u[q] = iunpacklo64(t[q], t[q + 2]);
+    u[q + 1] = iunpackhi64(t[q], t[q + 2]);
+    u[q + 2] = iunpacklo64(t[q + 1], t[q + 3]);
+    u[q + 3] = iunpackhi64(t[q + 1], t[q + 3]);
+  }
+  transpose_lanes(u, r);
+}
+
+// The lane sums of d[0..3], as 4 int32: pairs, then quads within 128-bit lanes, then across the lanes.
+static inline __m128i sum4(const ivec d[4]) {
+  const ivec t0 = iadd(iunpacklo32(d[0], d[1]), iunpackhi32(d[0], d[1]));
+  const ivec t1 = iadd(iunpacklo32(d[2], d[3]), iunpackhi32(d[2], d[3]));
+  return sum_lanes(iadd(iunpacklo64(t0, t1), iunpackhi64(t0, t1)));
+}
 constexpr int kTile = kGroups * kLanes;  // weight rows per tile
 static_assert(kLanes == V, "the float accumulators use the vector layer's width");
 
@@ -400,14 +405,13 @@ static_assert(kLanes == V, "the float accumulators use the vector layer's width"
 // int32; the float sum takes S - offset[m][nb] (the weight offset's share, the same combination of the blocks'
 // sums of q) times scale[m][nb] (absmax / 127, over 256 with two passes), once per block.
 struct Activations {
-  int64_t M, K, nb;
-  int passes;
+  int64_t M, nb;
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> offset;
 
-  Activations(const float* x, int64_t M_, int64_t K_, int bits, int passes_)
-      : M(M_), K(K_), nb(K_ / QB), passes(passes_), q(passes_ * M_ * K_), scale(M_ * nb), offset(M_ * nb) {
+  Activations(const float* x, int64_t M_, int64_t K, int bits, int passes)
+      : M(M_), nb(K / QB), q(passes * M_ * K), scale(M_ * nb), offset(M_ * nb) {
     const int off = bits == 4 ? 8 : kInt8Offset;
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
       alignas(64) int32_t rounded[2][QB];
@@ -631,8 +635,8 @@ static void integer_linear(const float* x, int64_t M, int64_t K, const int8_t* w
     over_row_tiles(N, [&](int64_t n, auto rows, bool prefetch) {
       constexpr int kRows = decltype(rows)::value;
       const int8_t* next = prefetch ? w + (n + kRows) * ldw : nullptr;
-      auto run = [&](auto passes) {
-        constexpr int P = decltype(passes)::value;
+      auto run = [&](auto pass_count) {
+        constexpr int P = decltype(pass_count)::value;
         if (M == 1) few_rows<BITS, P, 1, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
         else if (M == 2) few_rows<BITS, P, 2, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
         else if (M == 3) few_rows<BITS, P, 3, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
@@ -1008,32 +1012,18 @@ static float fp32_peak_loop(int64_t iterations, float seed) {
   return sum;
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-constexpr int64_t kInt8PeakMacs = 64;  // vpdpbusd zmm: 16 lanes x 4 byte pairs
+#if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || (defined(__AVX2__) && defined(__FMA__))  // an integer path
+constexpr int64_t kInt8PeakMacs = kLanes * 4;  // one idot: 4 byte pairs a lane (vpdpbusd; AVX2's maddubs chain)
 static float int8_peak_loop(int64_t iterations, float seed) {
-  __m512i acc[kPeakChains];
-  for (auto& a : acc) a = _mm512_setzero_si512();
-  const __m512i a = _mm512_set1_epi8((int8_t)(seed * 3)), b = _mm512_set1_epi8((int8_t)(seed * 5));
+  ivec acc[kPeakChains];
+  for (auto& a : acc) a = izero();
+  const ivec a = iset1((int8_t)(seed * 3) * 0x01010101), b = iset1((int8_t)(seed * 5) * 0x01010101);
   for (int64_t i = 0; i < iterations; i++)
-    for (int c = 0; c < kPeakChains; c++) acc[c] = _mm512_dpbusd_epi32(acc[c], a, b);
-  int64_t sum = 0;
-  for (auto& c : acc) sum += _mm512_reduce_add_epi32(c);
-  return (float)sum;
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int64_t kInt8PeakMacs = 32;  // vpmaddubsw + vpmaddwd + vpaddd ymm: 32 byte pairs (the AVX2 integer path)
-static float int8_peak_loop(int64_t iterations, float seed) {
-  __m256i acc[kPeakChains];
-  for (auto& a : acc) a = _mm256_setzero_si256();
-  const __m256i a = _mm256_set1_epi8((int8_t)(seed * 3)), b = _mm256_set1_epi8((int8_t)(seed * 5));
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t i = 0; i < iterations; i++)
-    for (int c = 0; c < kPeakChains; c++)
-      acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+    for (int c = 0; c < kPeakChains; c++) acc[c] = idot<4>(acc[c], a, b);
+  alignas(64) int32_t lanes[kLanes];
   int64_t sum = 0;
   for (auto& c : acc) {
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256((__m256i*)lanes, c);
+    std::memcpy(lanes, &c, sizeof lanes);
     for (int32_t lane : lanes) sum += lane;
   }
   return (float)sum;
