@@ -112,17 +112,18 @@ def with_outlier_channels(model, tokenizer, examples, channels: int = OUTLIER_CH
 
 def quantized_groups(x: torch.Tensor, group: int, passes: int = 1) -> torch.Tensor:
     """x with each run of `group` values along its last dim (group 0: the whole row) quantized to symmetric int8 by
-    its absolute maximum and back, rounding to nearest as the CPU kernel does; passes=2 adds the kernel's second
-    int8 pass, the first one's rounding error at 1/256 of its scale."""
+    its absolute maximum and back, in the CPU kernel's arithmetic: scaled by 127 / absmax (a true division: a Python
+    number over a tensor would be a reciprocal, then a product) and rounded to nearest; passes=2 adds the kernel's
+    second int8 pass, the first one's rounding error at 1/256 of its scale."""
     shape = x.shape
     g = shape[-1] if group == 0 else group
     blocks = x.reshape(-1, shape[-1] // g, g)
-    scale = blocks.abs().amax(-1, keepdim=True) / 127
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    first = torch.round(blocks / safe).clamp(-127, 127)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scaled = blocks * torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    first = torch.round(scaled)
     if passes == 2:
-        first = first + torch.round((blocks / safe - first) * 256).clamp(-127, 127) / 256
-    return (first * scale).reshape(shape)
+        first = first + torch.round((scaled - first) * 256).clamp(-127, 127) / 256
+    return (first * (amax / 127)).reshape(shape)
 
 
 def outliers_in_bf16(x: torch.Tensor, group: int = 128, threshold: float = 6.0) -> torch.Tensor:

@@ -100,18 +100,12 @@ def test_kernel_low_precision_inputs(kernels, bits, dtype):
 
 
 def same_quantization_reference(x, q, s, b, bits, passes=1):
-    """The integer path's arithmetic in torch: x rounded to int8 per block of the kernel's activation_block()
-    values (scale absmax / 127); with two passes, plus the first one's rounding error rounded at 1/256 of it."""
-    M, K = x.shape
+    """The integer path's arithmetic in torch: x rounded to int8 per block of the kernel's activation_block() values
+    (bench_accuracy's activation scheme, written as the kernel computes it), in one or two passes."""
+    from benchmarks.bench_accuracy import quantized_groups
+
     block = kernel_module.cpu_kernels().ops.activation_block()
-    blocks = x.float().view(M, K // block, block)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    # as the kernel scales: by 127 / amax, a true division (a Python number over a tensor is a reciprocal, then a product)
-    scaled = blocks * torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
-    xq = torch.round(scaled)
-    if passes == 2:
-        xq = xq + torch.round((scaled - xq) * 256).clamp(-127, 127) / 256
-    return reference((xq * amax / 127).view(M, K), q, s, b, bits)
+    return reference(quantized_groups(x.float(), block, passes), q, s, b, bits)
 
 
 @pytest.fixture(params=["int8", "int8x2"])
