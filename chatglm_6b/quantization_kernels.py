@@ -100,6 +100,30 @@ static inline vf nib_hi_f(vi b, vf) { return (float)(b >> 4); }
 static inline vf nib_lo_f(vi b, vf) { return (float)((int32_t)((uint32_t)b << 28) >> 28); }
 #endif
 
+// bf16 (the top half of an fp32) widened: one value, and V values
+static inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+#if defined(__AVX512F__)
+static inline vf vbf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline vf vbf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+#else
+static inline vf vbf16(const uint16_t* p) { return bf16_to_float(*p); }
+#endif
+// Rows of fp32 or bf16 (as uint16_t) read alike
+static inline vf vload_elem(const float* p) { return vload(p); }
+static inline vf vload_elem(const uint16_t* p) { return vbf16(p); }
+static inline float elem_to_float(float x) { return x; }
+static inline float elem_to_float(uint16_t x) { return bf16_to_float(x); }
+
 // Scalar nibble decode for tails (same arithmetic-shift semantics as the vector code).
 static inline int hi4(int8_t b) { return b >> 4; }
 static inline int lo4(int8_t b) { return (int8_t)((uint8_t)b << 4) >> 4; }
@@ -244,6 +268,21 @@ static at::Tensor deinterleave(const at::Tensor& x) {
 // as its 64 even k, then its 64 odd k: the order in which the high and the low nibbles of a run of bytes come.
 // Used whenever K is a multiple of QB, for every number of rows. The scalar build has no integer path.
 // ---------------------------------------------------------------------------------------------
+// Where the results go: [M, N] fp32, or bf16 for a bf16 input (rounded to nearest even, as torch converts). Both
+// tilings end a row's sum the same way (explicitly fused, so that the compiler's contraction cannot differ).
+struct Output {
+  void* data;
+  bool bf16;
+  int64_t N;
+  const float* scale;
+  const float* bias;
+  void put(int64_t m, int64_t n, float sum) const {
+    const float y = std::fma(sum, scale[n], bias ? bias[n] : 0.f);
+    if (bf16) static_cast<at::BFloat16*>(data)[m * N + n] = at::BFloat16(y);
+    else static_cast<float*>(data)[m * N + n] = y;
+  }
+};
+
 constexpr int64_t QB = 128;
 constexpr int kSteps = QB / 4;  // 4-byte k steps per block
 constexpr int kGroups = 2;      // accumulator vectors per input row and pass
@@ -305,7 +344,7 @@ static inline void decode4(ivec v, ivec& even, ivec& odd) {
 }
 static inline ivec decode8(ivec v) { return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80)); }
 // Quantizing activations: |x| maxima, and rounding to the nearest integer (ties to even, as std::nearbyint)
-static inline vf vabsmax(vf m, const float* x) { return _mm512_max_ps(m, _mm512_abs_ps(vload(x))); }
+static inline vf vabsmax(vf m, vf x) { return _mm512_max_ps(m, _mm512_abs_ps(x)); }
 static inline float vmax_lanes(vf m) { return _mm512_reduce_max_ps(m); }
 static inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf vclamp127(vf a) { return _mm512_min_ps(_mm512_max_ps(a, vset1(-127.f)), vset1(127.f)); }
@@ -357,9 +396,7 @@ static inline void decode4(ivec v, ivec& even, ivec& odd) {
   odd = _mm256_and_si256(v, low4);
 }
 static inline ivec decode8(ivec v) { return v; }  // signed: idot<8> takes |q| and moves the sign
-static inline vf vabsmax(vf m, const float* x) {
-  return _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), vload(x)));
-}
+static inline vf vabsmax(vf m, vf x) { return _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), x)); }
 static inline float vmax_lanes(vf m) {
   __m128 a = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   a = _mm_max_ps(a, _mm_movehl_ps(a, a));
@@ -398,7 +435,7 @@ static inline __m128i sum4(const ivec d[4]) {
 constexpr int kTile = kGroups * kLanes;  // weight rows per tile
 static_assert(kLanes == V, "the float accumulators use the vector layer's width");
 
-// Input rows quantized for the integer path: q [passes][nb][M][QB] int8 (block-major: one block of every row is
+// Input rows (fp32, or bf16 read as they are) quantized for the integer path: q [passes][nb][M][QB] int8 (block-major: one block of every row is
 // contiguous, for the sweep of a block), each block in the kernel's k order. A block's products of pass p, S_p, are
 // taken together as S = S_0 (one pass) or 256 S_0 + S_1 (two: |256 S_0| < 2^31 for int8 weights too), exact in
 // int32; the float sum takes S - offset[m][nb] (the weight offset's share, the same combination of the blocks'
@@ -409,19 +446,20 @@ struct Activations {
   std::vector<float> scale;
   std::vector<int32_t> offset;
 
-  Activations(const float* x, int64_t M_, int64_t K, int bits, int passes)
+  template <typename X>
+  Activations(const X* x, int64_t M_, int64_t K, int bits, int passes)
       : M(M_), nb(K / QB), q(passes * M_ * K), scale(M_ * nb), offset(M_ * nb) {
     const int off = bits == 4 ? 8 : kInt8Offset;
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
       alignas(64) int32_t rounded[2][QB];
       for (int64_t m = m0; m < m1; m++)
         for (int64_t b = 0; b < nb; b++) {
-          const float* xb = x + m * K + b * QB;
+          const X* xb = x + m * K + b * QB;
           vf most = vzero();
-          for (int64_t i = 0; i < QB; i += V) most = vabsmax(most, xb + i);
+          for (int64_t i = 0; i < QB; i += V) most = vabsmax(most, vload_elem(xb + i));
           const float amax = vmax_lanes(most), inv = amax > 0.f ? 127.f / amax : 0.f;
           for (int64_t i = 0; i < QB; i += V) {
-            const vf v = vset1(inv) * vload(xb + i), q0 = vround(v);
+            const vf v = vset1(inv) * vload_elem(xb + i), q0 = vround(v);
             vstore_i32(rounded[0] + i, q0);
             if (passes == 2) vstore_i32(rounded[1] + i, vclamp127(vround((v - q0) * vset1(256.f))));
           }
@@ -446,27 +484,16 @@ struct Activations {
   float block_scale(int64_t m, int64_t b) const { return scale[m * nb + b]; }
 };
 
-// Both tilings end a row's sum the same way (explicitly fused, so that the compiler's contraction cannot differ).
-static inline float output(float sum, float scale, float bias) { return std::fma(sum, scale, bias); }
 
 // The decoded weights of one block of a tile: wbuf[s * kGroups + g] = rows [g * kLanes, (g + 1) * kLanes), k step s.
 // row[i]: the tile's row i at block 0; step[i]: its bytes per block (0 for the zero rows that pad the last tile).
-// prefetch: kTile * QB * BITS / 8 bytes to bring towards the cache (or nullptr), a cache line with each row chunk
-// loaded (as many with AVX-512; with AVX2, with the first half): spread out, the prefetches do not fill the core's
-// queue of misses at once.
 template <int BITS>
-static void pack_block(const int8_t* const row[kTile], const int64_t step[kTile], int64_t b, ivec* wbuf,
-                       const int8_t* prefetch) {
+static void pack_block(const int8_t* const row[kTile], const int64_t step[kTile], int64_t b, ivec* wbuf) {
   constexpr int kChunks = QB * BITS / 32 / kLanes;  // kLanes dwords of each row per transpose
-  constexpr int kLines = kTile * QB * BITS / 8 / 64;
   for (int g = 0; g < kGroups; g++)
     for (int c = 0; c < kChunks; c++) {
       ivec r[kLanes];
-      for (int i = 0; i < kLanes; i++) {
-        const int load = (g * kChunks + c) * kLanes + i;
-        if (prefetch && load < kLines) __builtin_prefetch(prefetch + load * 64, 0, 2);
-        r[i] = iload(row[g * kLanes + i] + b * step[g * kLanes + i] + c * kLanes * 4);
-      }
+      for (int i = 0; i < kLanes; i++) r[i] = iload(row[g * kLanes + i] + b * step[g * kLanes + i] + c * kLanes * 4);
       transpose(r);
       for (int j = 0; j < kLanes; j++) {
         const int d = c * kLanes + j;  // dword of the block: k 8d..8d+7 (int4), 4d..4d+3 (int8)
@@ -475,6 +502,19 @@ static void pack_block(const int8_t* const row[kTile], const int64_t step[kTile]
       }
     }
 }
+
+// The next tile's weights brought into the L2 while this tile's products run: its bytes in address order (a tile's
+// rows are one run of memory), `lines` cache lines with each block a sweep takes, so that they come in over all of
+// the tile's sweeps. (Fetched in the pack instead, a tile's weights kept the pack waiting on DRAM while the sweeps
+// left the memory idle: at 8 rows the pack took a third of the time.)
+struct Prefetch {
+  const int8_t* next;
+  const int8_t* end;
+  int64_t lines;
+  void some() {
+    for (int64_t i = 0; i < lines && next < end; i++, next += 64) __builtin_prefetch(next, 0, 2);
+  }
+};
 
 // Output rows [n, n + kTile) of input rows m0..m0+ROWS, one block of decoded weights (as pack_block lays it out)
 // at a time: each block's exact S (see Activations) meets the float scale once, in block order. ROWS == 1 splits
@@ -498,7 +538,8 @@ struct Sweep {
       for (int g = 0; g < kGroups; g++) vstore(carry + m * kTile + g * kLanes, acc[m][g]);
   }
 
-  void block(const ivec* wb, int64_t b) {
+  void block(const ivec* wb, int64_t b, Prefetch& prefetch) {
+    prefetch.some();
     ivec dot[PASSES][ROWS][kGroups][kChains];
     for (auto& p : dot)
       for (auto& m : p)
@@ -528,13 +569,12 @@ struct Sweep {
     }
   }
 
-  void finish(int64_t n, int64_t N, const float* scale, const float* bias, float* out) const {
-    const int64_t rows = std::min<int64_t>(kTile, N - n);
+  void finish(int64_t n, const Output& out) const {
+    const int64_t rows = std::min<int64_t>(kTile, out.N - n);
     for (int m = 0; m < ROWS; m++) {
       alignas(64) float sums[kTile];
       for (int g = 0; g < kGroups; g++) vstore(sums + g * kLanes, acc[m][g]);
-      float* o = out + (m0 + m) * N + n;
-      for (int64_t i = 0; i < rows; i++) o[i] = output(sums[i], scale[n + i], bias ? bias[n + i] : 0.f);
+      for (int64_t i = 0; i < rows; i++) out.put(m0 + m, n + i, sums[i]);
     }
   }
 };
@@ -546,8 +586,8 @@ struct Sweep {
 // Sweep, in the same order: a row gives the same result here as in a larger batch. prefetch: the next ROWS rows (or
 // nullptr), a 1 / nb share with each block.
 template <int BITS, int PASSES, int MROWS, int ROWS>
-static void few_rows(const Activations& x, const int8_t* w, int64_t ldw, int64_t n, int64_t N, const float* scale,
-                     const float* bias, float* out, const int8_t* prefetch) {
+static void few_rows(const Activations& x, const int8_t* w, int64_t ldw, int64_t n, const Output& out,
+                     const int8_t* prefetch) {
   static_assert(ROWS <= 4, "sum4 takes 4 rows");
   constexpr int kChunks = QB * BITS / 32 / kLanes;        // vectors of a row's block bytes
   constexpr int64_t kBlockBytes = QB * BITS / 8, kLines = ROWS * kBlockBytes / 64;
@@ -580,7 +620,7 @@ static void few_rows(const Activations& x, const int8_t* w, int64_t ldw, int64_t
   for (int m = 0; m < MROWS; m++) {
     alignas(16) float sums[4];
     _mm_store_ps(sums, acc[m]);
-    for (int r = 0; r < ROWS; r++) out[m * N + n + r] = output(sums[r], scale[n + r], bias ? bias[n + r] : 0.f);
+    for (int r = 0; r < ROWS; r++) out.put(m, n + r, sums[r]);
   }
 }
 constexpr int64_t kFewRows = 4;  // input rows up to which few_rows is used
@@ -589,14 +629,12 @@ constexpr int64_t kChunkBytes = 4 << 20;  // activation bytes of the input rows 
 // Output rows [n, n + kTile) (fewer in the last tile) for input rows [m_begin, m_end): the tile's weights are decoded
 // once into panel, kSegmentBlocks blocks at a time (kTile x 4096 bytes: it stays in the L2 with the next tile's
 // prefetched weights), and each segment is swept by the input rows, kMaxRows at a time; carry holds their sums
-// between segments. next: the following tile's first row, or nullptr; a 1 / nb share of it is prefetched with each
-// block decoded, in address order (rows are a few KB: too short for the hardware prefetcher to ramp up, and kTile
-// of them read side by side are too many streams for it).
+// between segments. next: the following tile's first row, or nullptr, prefetched during the sweeps (Prefetch).
 constexpr int64_t kSegmentBlocks = 32;
 template <int BITS, int PASSES>
 static void integer_tile(const Activations& x, int64_t m_begin, int64_t m_end, const int8_t* w, int64_t ldw, int64_t n,
-                         int64_t N, const float* scale, const float* bias, float* out, ivec* panel, float* carry,
-                         const int8_t* next) {
+                         const Output& out, ivec* panel, float* carry, const int8_t* next) {
+  const int64_t N = out.N;
   static const int8_t zeros[QB] = {};
   constexpr int64_t kBlockBytes = QB * BITS / 8;
   const int8_t* row[kTile];
@@ -605,18 +643,19 @@ static void integer_tile(const Activations& x, int64_t m_begin, int64_t m_end, c
     row[i] = n + i < N ? w + (n + i) * ldw : zeros;
     step[i] = n + i < N ? kBlockBytes : 0;
   }
+  constexpr int kMost = kMaxRows[PASSES - 1];
+  const int64_t rows = m_end - m_begin, sweeps = rows / kMost + __builtin_popcountll(rows % kMost);
+  const int64_t lines = next ? kTile * ldw / 64 : 0;
+  Prefetch prefetch{next, next + lines * 64, (lines + sweeps * x.nb - 1) / (sweeps * x.nb)};
   for (int64_t b0 = 0; b0 < x.nb; b0 += kSegmentBlocks) {
     const int64_t b1 = std::min(x.nb, b0 + kSegmentBlocks);
-    for (int64_t b = b0; b < b1; b++)
-      pack_block<BITS>(row, step, b, panel + (b - b0) * kSteps * kGroups,
-                       next ? next + b * kTile * kBlockBytes : nullptr);
+    for (int64_t b = b0; b < b1; b++) pack_block<BITS>(row, step, b, panel + (b - b0) * kSteps * kGroups);
     auto sweep = [&](auto rows, int64_t m0) {
       Sweep<BITS, PASSES, decltype(rows)::value> rows_sweep(x, m0, carry + (m0 - m_begin) * kTile, b0 == 0);
-      for (int64_t b = b0; b < b1; b++) rows_sweep.block(panel + (b - b0) * kSteps * kGroups, b);
-      if (b1 == x.nb) rows_sweep.finish(n, N, scale, bias, out);
+      for (int64_t b = b0; b < b1; b++) rows_sweep.block(panel + (b - b0) * kSteps * kGroups, b, prefetch);
+      if (b1 == x.nb) rows_sweep.finish(n, out);
       else rows_sweep.save();
     };
-    constexpr int kMost = kMaxRows[PASSES - 1];
     int64_t m = m_begin;
     for (; m + kMost <= m_end; m += kMost) sweep(std::integral_constant<int, kMost>{}, m);
     if constexpr (kMost > 4) if (m + 4 <= m_end) { sweep(std::integral_constant<int, 4>{}, m); m += 4; }
@@ -625,21 +664,23 @@ static void integer_tile(const Activations& x, int64_t m_begin, int64_t m_end, c
   }
 }
 
+// x: [M, K] contiguous fp32 or bf16 rows; out: [M, N]
 template <int BITS>
-static void integer_linear(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const float* scale,
-                           const float* bias, float* out, int passes) {
-  const Activations xa(x, M, K, BITS, passes);
-  const int64_t ldw = K * BITS / 8, tiles = (N + kTile - 1) / kTile;
+static void integer_linear(const at::Tensor& x, const int8_t* w, const Output& out, int passes) {
+  const int64_t M = x.size(0), K = x.size(1), N = out.N, ldw = K * BITS / 8, tiles = (N + kTile - 1) / kTile;
+  const Activations xa = x.scalar_type() == at::kBFloat16
+      ? Activations(reinterpret_cast<const uint16_t*>(x.data_ptr()), M, K, BITS, passes)
+      : Activations(x.data_ptr<float>(), M, K, BITS, passes);
   if (M <= kFewRows) {
     over_row_tiles(N, [&](int64_t n, auto rows, bool prefetch) {
       constexpr int kRows = decltype(rows)::value;
       const int8_t* next = prefetch ? w + (n + kRows) * ldw : nullptr;
       auto run = [&](auto pass_count) {
         constexpr int P = decltype(pass_count)::value;
-        if (M == 1) few_rows<BITS, P, 1, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
-        else if (M == 2) few_rows<BITS, P, 2, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
-        else if (M == 3) few_rows<BITS, P, 3, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
-        else few_rows<BITS, P, 4, kRows>(xa, w + n * ldw, ldw, n, N, scale, bias, out, next);
+        if (M == 1) few_rows<BITS, P, 1, kRows>(xa, w + n * ldw, ldw, n, out, next);
+        else if (M == 2) few_rows<BITS, P, 2, kRows>(xa, w + n * ldw, ldw, n, out, next);
+        else if (M == 3) few_rows<BITS, P, 3, kRows>(xa, w + n * ldw, ldw, n, out, next);
+        else few_rows<BITS, P, 4, kRows>(xa, w + n * ldw, ldw, n, out, next);
       };
       if (passes == 2) run(std::integral_constant<int, 2>{});
       else run(std::integral_constant<int, 1>{});
@@ -657,8 +698,8 @@ static void integer_linear(const float* x, int64_t M, int64_t K, const int8_t* w
       for (int64_t t = t0; t < t1; t++) {
         const int8_t* next = t + 1 < t1 && (t + 2) * kTile <= N ? w + (t + 1) * kTile * ldw : nullptr;
         if (passes == 2)
-          integer_tile<BITS, 2>(xa, m0, m1, w, ldw, t * kTile, N, scale, bias, out, panel.get(), carry.data(), next);
-        else integer_tile<BITS, 1>(xa, m0, m1, w, ldw, t * kTile, N, scale, bias, out, panel.get(), carry.data(), next);
+          integer_tile<BITS, 2>(xa, m0, m1, w, ldw, t * kTile, out, panel.get(), carry.data(), next);
+        else integer_tile<BITS, 1>(xa, m0, m1, w, ldw, t * kTile, out, panel.get(), carry.data(), next);
       }
     });
   }
@@ -667,8 +708,7 @@ static void integer_linear(const float* x, int64_t M, int64_t K, const int8_t* w
 #define CHATGLM_INTEGER_ISA ""
 constexpr bool kIntegerPath = false;
 template <int BITS>
-static void integer_linear(const float*, int64_t, int64_t, const int8_t*, int64_t, const float*, const float*, float*,
-                           int) {}
+static void integer_linear(const at::Tensor&, const int8_t*, const Output&, int) {}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -678,25 +718,6 @@ static void integer_linear(const float*, int64_t, int64_t, const int8_t*, int64_
 // widened to fp32 (a 16-bit shift) for fp32 FMAs. torch's bf16 matmul reads a few-row product's weight at
 // about half the memory bandwidth here; this streams it once, prefetching the next tile.
 // ---------------------------------------------------------------------------------------------
-static inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = (uint32_t)h << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// V bf16 values widened to fp32 (a bf16 is the top half of an fp32)
-#if defined(__AVX512F__)
-static inline vf vbf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-static inline vf vbf16(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-#else
-static inline vf vbf16(const uint16_t* p) { return bf16_to_float(*p); }
-#endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define CHATGLM_BF16_ISA "AVX512-BF16"
@@ -851,10 +872,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // q [N, H, D]; key_cache, value_cache [num_blocks, H, BS, D] (q's dtype: fp32 or bf16); block_tables [S, max_blocks]
 // int32; rows, visible [N] int32 -> [N, H, D]
 // ---------------------------------------------------------------------------------------------
-static inline vf vload_elem(const float* p) { return vload(p); }
-static inline vf vload_elem(const uint16_t* p) { return vbf16(p); }
-static inline float elem_to_float(float x) { return x; }
-static inline float elem_to_float(uint16_t x) { return bf16_to_float(x); }
 
 constexpr int QT = 8;  // queries of one sequence sharing each key read
 
@@ -1127,24 +1144,31 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   const int64_t N = q.size(0), K = q.size(1) * 8 / bits;
   TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, weight expects ", K);
   TORCH_CHECK(scale.numel() == N, "scale must have one entry per output row");
-  auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K] fp32
-  const int64_t M = x2.size(0);
   auto s = scale.to(at::kFloat).contiguous();                 // [N]
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "bias must have one entry per output row");
     b = bias->to(at::kFloat).contiguous();
   }
-  auto out = at::empty({M, N}, x2.options());                   // [M, N] fp32
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
 
   if (integer && kIntegerPath && K % QB == 0 && M > 0 && N > 0) {
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    // A bf16 input is quantized as it is and the output written in bf16: no converted copies of either
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    auto x2 = bf16 ? x.reshape({-1, K}).contiguous() : x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
+    auto out = at::empty({M, N}, x2.options());                                                      // [M, N]
+    const Output o{out.data_ptr(), bf16, N, s.data_ptr<float>(), bp};
     const int passes = integer >= 2 ? 2 : 1;
-    if (bits == 8) integer_linear<8>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
-                                  out.data_ptr<float>(), passes);
-    else integer_linear<4>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
-                        out.data_ptr<float>(), passes);
-  } else if (M > kGemmRows) {
+    if (bits == 8) integer_linear<8>(x2, q.data_ptr<int8_t>(), o, passes);
+    else integer_linear<4>(x2, q.data_ptr<int8_t>(), o, passes);
+    return out.view(shape).to(x.scalar_type());
+  }
+  auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K] fp32
+  auto out = at::empty({M, N}, x2.options());                   // [M, N] fp32
+  if (M > kGemmRows) {
     const int64_t rows = std::max<int64_t>(R, kBlockBytes / (4 * K));
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t nb = std::min(rows, N - n0);
@@ -1154,7 +1178,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
       else at::mm_out(o, x2, wf.t());
     }
   } else if (M > 0 && N > 0) {
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     if (bits == 8) {
       gemv_like<8>(x2.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(), bp,
                    out.data_ptr<float>());
@@ -1164,8 +1187,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
                    out.data_ptr<float>());
     }
   }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
   return out.view(shape).to(x.scalar_type());
 }
 

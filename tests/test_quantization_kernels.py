@@ -165,6 +165,20 @@ def test_integer_path_takes_strided_low_precision_and_zero_inputs(kernels, activ
 
 
 @needs_integer_path
+@pytest.mark.parametrize("rows", [2, 9])  # the row-major kernel and the decoded tile
+def test_bf16_rows_are_quantized_and_written_as_they_are(kernels, activations, rows):
+    """The kernel reads bf16 rows and writes bf16 results itself (no converted copies): the bits are those of the
+    fp32 route, which widens x exactly and rounds the fp32 result to nearest even as torch does, ties included."""
+    q, s = Q.quantize_weight(torch.randn(96, 384), 4)
+    b = torch.randn(96)
+    x = torch.randn(rows, 384).bfloat16()
+    via_fp32 = Q.quantized_linear(x.float(), q, s, b, 4)
+    direct = Q.quantized_linear(x, q, s, b, 4)
+    assert direct.dtype == torch.bfloat16 and torch.equal(direct, via_fp32.bfloat16())
+    assert (via_fp32.bfloat16().float() != via_fp32).any()  # the rounding was exercised
+
+
+@needs_integer_path
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_row_gives_the_same_result_alone_and_in_a_batch(kernels, activations, bits):
     """Alone a row takes the row-major kernel, in 9 or 13 rows the decoded tile: the same products, exactly."""
