@@ -24,6 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from benchmarks.bench_matmul import peaks  # noqa: E402
 from benchmarks.common import machine_summary, peak_rss, read_bandwidth  # noqa: E402
 from chatglm_6b import kernels  # noqa: E402
 from chatglm_6b.configuration_chatglm import ChatGLMConfig  # noqa: E402
@@ -108,6 +109,37 @@ def weight_bytes(model) -> int:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def arithmetic(model) -> dict:
+    """Multiply-accumulates per token, and the arithmetic they run on (a peak of bench_matmul.peaks, or "quantized":
+    the int8 peak times the activations' passes): the layers' linears, lm_head (per row that gets logits) and
+    attention (per key a query sees: q.k and the weighted value, 2 x hidden per layer)."""
+    def kind(linear):
+        if isinstance(linear, QuantizedLinear):
+            return "quantized"
+        return "bf16" if linear.weight.dtype == torch.bfloat16 else "fp32"
+
+    layers = model.transformer.layers
+    linears = [getattr(getattr(layer, parent), name) for layer in layers for parent, name in LAYER_LINEARS]
+    head = model.lm_head
+    return {"linear_macs": sum(linear.in_features * linear.out_features for linear in linears),
+            "linear_kind": kind(linears[0]), "head_macs": head.in_features * head.out_features,
+            "head_kind": kind(head), "attention_macs_per_key": 2 * model.config.hidden_size * len(layers),
+            "attention_kind": "bf16" if model.dtype == torch.bfloat16 else "fp32",
+            "kv_bytes_per_token": 2 * model.config.hidden_size * len(layers) * model.dtype.itemsize}
+
+
+def arithmetic_seconds(a: dict, peak: dict, tokens: int, logit_rows: int, key_visits: int) -> float:
+    """The least time the arithmetic of `tokens` tokens takes at the machine's measured peaks."""
+    passes = kernels.ACTIVATION_PASSES[kernels.settings.activations]
+
+    def at_peak(macs, kind):
+        if kind == "quantized":
+            return macs * passes / peak["int8"] if passes and peak["int8"] else macs / peak["fp32"]
+        return macs / peak[kind]
+    return (at_peak(a["linear_macs"] * tokens, a["linear_kind"]) + at_peak(a["head_macs"] * logit_rows, a["head_kind"])
+            + at_peak(a["attention_macs_per_key"] * key_visits, a["attention_kind"]))
 
 
 class TokenTimes(BaseStreamer):
@@ -236,7 +268,7 @@ def run_one(args) -> dict:
             prepare_cpu_kernels()  # as loading does for these dtypes on the CPU
     lengths = [int(n) for n in args.prompt_lengths.split(",") if n]
     rows = [int(n) for n in args.batch_rows.split(",") if n]
-    return {"dtype": args.one, "weight_bytes": weight_bytes(model), "peak_rss": peak_rss(),
+    return {"dtype": args.one, "weight_bytes": weight_bytes(model), "peak_rss": peak_rss(), **arithmetic(model),
             **measure_decode(model, tokenizer, args.prompt_length, args.decode_steps),
             "ttft_s": measure_first_token(model, lengths),
             **measure_engine(model, tokenizer, rows, args.prompt_length, args.decode_steps, lengths)}
@@ -259,6 +291,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth()
+    peak = peaks(kernels.cpu_kernels().ops) if kernels.cpu_kernels() else None
     rows = []
     for dtype in tqdm(args.dtypes.split(","), desc="configurations"):
         if args.model == "6b" and dtype == "fp32":
@@ -275,6 +308,9 @@ def main():
 
     print(f"\n{args.model} model, {args.threads} threads, measured read bandwidth {bandwidth:.1f} GB/s, quantized "
           f"kernels' activations {kernels.settings.activations}, CPU kernels built for {kernels.settings.isa}")
+    if peak:
+        print(f"compute peak on {args.threads} threads: int8 {peak['int8'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f}, "
+              f"fp32 {peak['fp32'] / 1e9:.0f} GMAC/s (bench_matmul.py's loops)")
     print(machine_summary())
     baseline = next((r for r in rows if r["dtype"] in ("fp32", "bf16")), None)
     print(f"\ndecode ms/token, prompt {args.prompt_length} tokens, {args.decode_steps} steps: median step of "
@@ -293,10 +329,13 @@ def main():
     lengths = args.prompt_lengths.split(",") if args.prompt_lengths else []
     for key, where in (("ttft_s", "generate()"), ("engine_ttft_s", "the serving engine (sliced prefill)")):
         if lengths:
-            print(f"\ntime to first token through {where}, s (prompt tokens/s)")
-            print(f"{'dtype':<8} " + " ".join(f"{n + ' tokens':>18}" for n in lengths))
+            print(f"\ntime to first token through {where}, s (prompt tokens/s, share of the compute peak: the "
+                  f"prompt's arithmetic at the measured peaks / the time)")
+            print(f"{'dtype':<8} " + " ".join(f"{n + ' tokens':>25}" for n in lengths))
             for r in rows:
-                print(f"{r['dtype']:<8} " + " ".join(f"{r[key][n]:>8.2f} ({int(n) / r[key][n]:>6.1f}/s)"
+                share = lambda n: (f"{arithmetic_seconds(r, peak, int(n), 1, int(n) ** 2) / r[key][n]:>5.0%}"  # noqa: E731
+                                   if peak else "    -")
+                print(f"{r['dtype']:<8} " + " ".join(f"{r[key][n]:>8.2f} ({int(n) / r[key][n]:>6.1f}/s, {share(n)})"
                                                      for n in lengths))
     batch = args.batch_rows.split(",") if args.batch_rows else []
     if batch:
@@ -306,6 +345,18 @@ def main():
             one = r["step_ms"][batch[0]]
             print(f"{r['dtype']:<8} " + " ".join(f"{r['step_ms'][n]:>8.1f} ({r['step_ms'][n] / one:.2f}x)"
                                                  for n in batch))
+        if peak:
+            keys = args.prompt_length + args.decode_steps  # what each row's query sees, about
+            print(f"\nengine step roofline, ms: the step's arithmetic at the measured peaks | its bytes (weights, "
+                  f"each row's {keys} cached tokens) at the measured bandwidth; the measured step / the larger")
+            print(f"{'dtype':<8} " + " ".join(f"{n + ' rows':>24}" for n in batch))
+            for r in rows:
+                cells = []
+                for n in batch:
+                    compute = arithmetic_seconds(r, peak, int(n), int(n), int(n) * keys) * 1000
+                    memory = (r["weight_bytes"] + int(n) * keys * r["kv_bytes_per_token"]) / (bandwidth * 1e9) * 1000
+                    cells.append(f"{compute:>6.1f} | {memory:>5.1f} ({r['step_ms'][n] / max(compute, memory):.2f}x)")
+                print(f"{r['dtype']:<8} " + " ".join(f"{cell:>24}" for cell in cells))
 
 
 if __name__ == "__main__":
