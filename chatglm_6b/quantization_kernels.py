@@ -435,11 +435,12 @@ static inline __m128i sum4(const ivec d[4]) {
 constexpr int kTile = kGroups * kLanes;  // weight rows per tile
 static_assert(kLanes == V, "the float accumulators use the vector layer's width");
 
-// Input rows (fp32, or bf16 read as they are) quantized for the integer path: q [passes][nb][M][QB] int8 (block-major: one block of every row is
-// contiguous, for the sweep of a block), each block in the kernel's k order. A block's products of pass p, S_p, are
-// taken together as S = S_0 (one pass) or 256 S_0 + S_1 (two: |256 S_0| < 2^31 for int8 weights too), exact in
-// int32; the float sum takes S - offset[m][nb] (the weight offset's share, the same combination of the blocks'
-// sums of q) times scale[m][nb] (absmax / 127, over 256 with two passes), once per block.
+// Input rows (fp32, or bf16 read as they are) quantized for the integer path: q [passes][nb][M][QB] int8
+// (block-major: one block of every row is contiguous, for the sweep of a block), each block in the kernel's k
+// order. A block's products of pass p, S_p, are taken together as S = S_0 (one pass) or 256 S_0 + S_1 (two:
+// |256 S_0| < 2^31 for int8 weights too), exact in int32; the float sum takes S - offset[m][nb] (the weight offset's
+// share, the same combination of the blocks' sums of q) times scale[m][nb] (absmax / 127, over 256 with two
+// passes), once per block.
 struct Activations {
   int64_t M, nb;
   std::vector<int8_t> q;
@@ -644,6 +645,7 @@ static void integer_tile(const Activations& x, int64_t m_begin, int64_t m_end, c
     step[i] = n + i < N ? kBlockBytes : 0;
   }
   constexpr int kMost = kMaxRows[PASSES - 1];
+  // the sweeps below: of kMost rows, then one each of 4, 2 and 1 rows as the remainder's bits say
   const int64_t rows = m_end - m_begin, sweeps = rows / kMost + __builtin_popcountll(rows % kMost);
   const int64_t lines = next ? kTile * ldw / 64 : 0;
   Prefetch prefetch{next, next + lines * 64, (lines + sweeps * x.nb - 1) / (sweeps * x.nb)};
@@ -877,14 +879,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // ---------------------------------------------------------------------------------------------
 
 constexpr int QT = 8;  // queries of one sequence sharing each key read
-constexpr int kValueVectors = 8;
-constexpr int64_t kPrefetchBlocks = 8;  // how far ahead a head's cache rows are fetched  // value sums held in registers at a time (head_dim 128 at AVX-512's width)
+constexpr int kValueVectors = 8;  // value sums held in registers at a time (head_dim 128 at AVX-512's width)
+constexpr int64_t kPrefetchBlocks = 8;  // how far ahead a head's cache rows are fetched
 
 // A cache row's bytes brought towards the cache (the next block's row while this block's are used: a block is only
 // BS rows of a head, too short a run for the hardware prefetcher)
 template <typename E>
 static inline void prefetch_row(const E* row, int64_t D) {
-  for (int64_t b = 0; b < D * (int64_t)sizeof(E); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 0, 1);
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * (int64_t)sizeof(E); b += 64) __builtin_prefetch(bytes + b, 0, 1);
 }
 
 // q . k for one key row: bf16 pairs with vdpbf16ps (exact products, fp32 sums) where the build has it and q is bf16,
@@ -916,7 +919,8 @@ static inline float key_dot(const E* k, const float* qf, const uint16_t* qb, int
 
 // out[d0 .. d0 + NV * V) = inv * sum_t p[t] v[t, d0 ..] over one query's visible keys, the sums in registers
 template <int NV, typename E, typename RowOf>
-static inline void weighted_values(RowOf value_row, const float* p, int64_t visible, int64_t d0, float inv, float* out) {
+static inline void weighted_values(RowOf value_row, const float* p, int64_t visible, int64_t d0, float inv,
+                                   float* out) {
   vf acc[NV];
   for (auto& a : acc) a = vzero();
   for (int64_t t = 0; t < visible; t++) {
@@ -945,7 +949,9 @@ static void paged_attention_impl(const float* q, const uint16_t* q_bf16, const E
       int64_t T = 0;
       for (int64_t j = 0; j < n; j++) T = std::max<int64_t>(T, visible[first + j]);
       const int64_t blocks = (T + BS - 1) / BS;
-      auto row_of = [&](const E* cache, int64_t t) { return cache + ((int64_t)table[t / BS] * H + h) * BS * D + (t % BS) * D; };
+      auto row_of = [&](const E* cache, int64_t t) {
+        return cache + ((int64_t)table[t / BS] * H + h) * BS * D + (t % BS) * D;
+      };
       auto next_block_row = [&](const E* cache, int64_t t) {  // the same row kPrefetchBlocks blocks on, if used
         if (t / BS + kPrefetchBlocks < blocks) prefetch_row(row_of(cache, t + kPrefetchBlocks * BS), D);
       };
