@@ -286,6 +286,26 @@ struct Output {
 constexpr int64_t QB = 128;
 constexpr int kSteps = QB / 4;  // 4-byte k steps per block
 constexpr int kGroups = 2;      // accumulator vectors per input row and pass
+// The integer operations both widths spell alike, written once (as CHATGLM_VECTOR_OPS); the dword/qword interleaves
+// that transpose and sum4 start with work within 128-bit lanes, the same at both widths.
+#define CHATGLM_INTEGER_OPS(W)                                                                      \
+  static inline ivec iload(const void* p) { return _mm##W##_loadu_si##W((const ivec*)p); }         \
+  static inline ivec izero() { return _mm##W##_setzero_si##W(); }                                   \
+  static inline ivec iset1(int32_t a) { return _mm##W##_set1_epi32(a); }                            \
+  static inline ivec iadd(ivec a, ivec b) { return _mm##W##_add_epi32(a, b); }                      \
+  static inline ivec isub(ivec a, ivec b) { return _mm##W##_sub_epi32(a, b); }                      \
+  static inline ivec ishl8(ivec a) { return _mm##W##_slli_epi32(a, 8); }                            \
+  static inline ivec iunpacklo32(ivec a, ivec b) { return _mm##W##_unpacklo_epi32(a, b); }          \
+  static inline ivec iunpackhi32(ivec a, ivec b) { return _mm##W##_unpackhi_epi32(a, b); }          \
+  static inline ivec iunpacklo64(ivec a, ivec b) { return _mm##W##_unpacklo_epi64(a, b); }          \
+  static inline ivec iunpackhi64(ivec a, ivec b) { return _mm##W##_unpackhi_epi64(a, b); }          \
+  /* a broadcast dword of 4 activation bytes */                                                     \
+  static inline ivec ibroadcast(const int8_t* p) {                                                  \
+    int32_t v;                                                                                      \
+    std::memcpy(&v, p, 4);                                                                          \
+    return iset1(v);                                                                                \
+  }
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define CHATGLM_INTEGER_ISA "AVX512-VNNI"
 constexpr int kInt8Offset = 128;
@@ -294,17 +314,7 @@ constexpr int kLanes = 16;
 // the 32 registers.
 constexpr int kMaxRows[2] = {6, 4};
 using ivec = __m512i;
-static inline ivec iload(const void* p) { return _mm512_loadu_si512(p); }
-static inline ivec izero() { return _mm512_setzero_si512(); }
-static inline ivec ibroadcast(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
-static inline ivec iset1(int32_t a) { return _mm512_set1_epi32(a); }
-static inline ivec iadd(ivec a, ivec b) { return _mm512_add_epi32(a, b); }
-static inline ivec isub(ivec a, ivec b) { return _mm512_sub_epi32(a, b); }
-static inline ivec ishl8(ivec a) { return _mm512_slli_epi32(a, 8); }
+CHATGLM_INTEGER_OPS(512)
 // In inline assembly: with the intrinsic, GCC copies every accumulator to a fresh register (and spills some) on each
 // step of the sweep, half the instructions of the loop.
 template <int BITS>
@@ -312,11 +322,6 @@ static inline ivec idot(ivec acc, ivec w, ivec x) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
   return acc;
 }
-// The dword/qword interleaves transpose and sum4 start with (within 128-bit lanes, the same at both widths).
-static inline ivec iunpacklo32(ivec a, ivec b) { return _mm512_unpacklo_epi32(a, b); }
-static inline ivec iunpackhi32(ivec a, ivec b) { return _mm512_unpackhi_epi32(a, b); }
-static inline ivec iunpacklo64(ivec a, ivec b) { return _mm512_unpacklo_epi64(a, b); }
-static inline ivec iunpackhi64(ivec a, ivec b) { return _mm512_unpackhi_epi64(a, b); }
 // The transpose's last stage: u[q + c], 128-bit lane L, holds dword 4L + c of rows q..q+3 (transpose_quads);
 // r[4L + c] gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
 static inline void transpose_lanes(const ivec u[kLanes], ivec r[kLanes]) {
@@ -355,17 +360,7 @@ constexpr int kInt8Offset = 0;
 constexpr int kLanes = 8;
 constexpr int kMaxRows[2] = {2, 1};  // the same in 16 registers
 using ivec = __m256i;
-static inline ivec iload(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
-static inline ivec izero() { return _mm256_setzero_si256(); }
-static inline ivec ibroadcast(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
-static inline ivec iset1(int32_t a) { return _mm256_set1_epi32(a); }
-static inline ivec iadd(ivec a, ivec b) { return _mm256_add_epi32(a, b); }
-static inline ivec isub(ivec a, ivec b) { return _mm256_sub_epi32(a, b); }
-static inline ivec ishl8(ivec a) { return _mm256_slli_epi32(a, 8); }
+CHATGLM_INTEGER_OPS(256)
 template <int BITS>
 static inline ivec idot(ivec acc, ivec w, ivec x) {
   const ivec ones = _mm256_set1_epi16(1);
@@ -376,10 +371,6 @@ static inline ivec idot(ivec acc, ivec w, ivec x) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
   }
 }
-static inline ivec iunpacklo32(ivec a, ivec b) { return _mm256_unpacklo_epi32(a, b); }
-static inline ivec iunpackhi32(ivec a, ivec b) { return _mm256_unpackhi_epi32(a, b); }
-static inline ivec iunpacklo64(ivec a, ivec b) { return _mm256_unpacklo_epi64(a, b); }
-static inline ivec iunpackhi64(ivec a, ivec b) { return _mm256_unpackhi_epi64(a, b); }
 static inline void transpose_lanes(const ivec u[kLanes], ivec r[kLanes]) {  // r[4L + c] = lane L of u[c], u[4 + c]
   for (int c = 0; c < 4; c++) {
     r[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
