@@ -45,6 +45,12 @@ def test_greedy_and_invalid_rows(tiny):
     tokens, _ = sample(logits, rows)
     assert tokens[0] == int(logits[0].argmax()) and tokens[1] == INVALID_SCORE_TOKEN_ID
     assert tokens[2] == transformers_draw(tiny[0], logits[2], 0.9, 0.8, 1)
+    # inf and -inf rows are replaced too; rows of finite scores whose sum overflows fp32 are not
+    logits = torch.randn(4, 50)
+    logits[0, 3], logits[1, 4], logits[2, :] = float("inf"), float("-inf"), 3e38
+    logits[3, 9] = 3.1e38
+    tokens, _ = sample(logits, [SamplingParams()] * 4)
+    assert tokens == [INVALID_SCORE_TOKEN_ID, INVALID_SCORE_TOKEN_ID, 0, 9]
 
 
 def openai_adjusted(logits: torch.Tensor, generated, presence: float, frequency: float, bias) -> torch.Tensor:
