@@ -186,10 +186,10 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, position_ids: torch.LongTensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, L] -> cos, sin [B, L, 1, dim] in fp32 (the original's fp16 tables lose
-        integer precision past position 2048)."""
+        """position_ids [...] -> cos, sin [..., dim] in fp32 (the original's fp16 tables lose integer precision
+        past position 2048)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
 
@@ -228,18 +228,17 @@ class SelfAttention(nn.Module):
         B, L, _ = hidden_states.shape
         # The fused projection is laid out per head as [q_h, k_h, v_h].
         qkv = self.query_key_value(hidden_states).view(B, L, self.num_heads, 3 * self.head_dim)
-        q, k, v = qkv.chunk(3, dim=-1)  # [B, L, nh, hd] each
+        qk, v = qkv[..., :2 * self.head_dim], qkv[..., 2 * self.head_dim:]  # [B, L, nh, 2 hd], [B, L, nh, hd]
+        # q and k rotated together, each by one set of angles (a decoding step's rotation was 40 small ops a layer)
         if self.position_encoding_2d:
-            # First half of each head rotates by position, second half by block position.
-            q1, q2 = q.chunk(2, dim=-1)
-            k1, k2 = k.chunk(2, dim=-1)
-            cos, sin = self.rotary_emb(position_ids[:, 0])
-            block_cos, block_sin = self.rotary_emb(position_ids[:, 1])
-            q = torch.cat([apply_rotary(q1, cos, sin), apply_rotary(q2, block_cos, block_sin)], dim=-1)
-            k = torch.cat([apply_rotary(k1, cos, sin), apply_rotary(k2, block_cos, block_sin)], dim=-1)
+            # The first half of each head rotates by the position, the second half by the block position.
+            cos, sin = self.rotary_emb(position_ids.transpose(1, 2))  # [B, L, 2, hd / 2]
+            qk = qk.unflatten(-1, (2, 2, self.head_dim // 2))  # [B, L, nh, q|k, half, hd / 2]
         else:
-            cos, sin = self.rotary_emb(position_ids)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cos, sin = self.rotary_emb(position_ids)  # [B, L, hd]
+            qk = qk.unflatten(-1, (2, self.head_dim))  # [B, L, nh, q|k, hd]
+        cos, sin = cos[:, :, None, None], sin[:, :, None, None]  # one angle per token for every head, q and k
+        q, k = apply_rotary(qk, cos, sin).reshape(B, L, self.num_heads, 2, self.head_dim).unbind(3)
         return q, k, v
 
     def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
