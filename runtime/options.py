@@ -4,6 +4,7 @@ import sys
 
 import torch
 
+from chatglm_6b import kernels
 from chatglm_6b.modeling_chatglm import DEFAULT_MAX_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 from .devices import DeviceError
@@ -38,6 +39,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--quantize-embeddings", action="store_true",
                        help="with --quantize: the word embeddings and the tied lm_head too (at 4 bits the original's "
                             "-int4-qe format; 1.07 GB of bf16 table become 0.27 GB at 4 bits, 0.53 GB at 8)")
+    group.add_argument("--activations", choices=list(kernels.ACTIVATION_PASSES), default=None,
+                       help="how the CPU's INT8/INT4 kernels take each layer's input (default: CHATGLM_ACTIVATIONS, "
+                            "else int8x2): int8x2 two int8 passes, less logit error than bf16 activations; int8 one "
+                            "pass, about 1.7x faster prompts and batched steps, 5-20x bf16's logit error (README, "
+                            "'Activations with outliers'); fp32 the original's arithmetic")
     group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                        help="auto picks CUDA, then MPS, then CPU")
     group.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -104,6 +110,8 @@ def load_from_args(args: argparse.Namespace):
     a bad checkpoint or a missing device exits with one line."""
     if getattr(args, "quantize_embeddings", False) and not args.quantize:
         sys.exit("error: --quantize-embeddings needs --quantize 4 or 8.")
+    if getattr(args, "activations", None):
+        kernels.settings.activations = args.activations
     try:
         return load_finetuned(args.ptuning_checkpoint, args.model_path, pre_seq_len=args.pre_seq_len,
                               device=args.device, dtype=DTYPES.get(args.dtype), quantize=args.quantize,

@@ -129,6 +129,34 @@ def test_front_end_options_reach_the_loader():
     assert response
 
 
+def test_activations_option_chooses_the_kernels_passes(monkeypatch):
+    """`--activations int8`: the quantized layers take one int8 pass (the kernel's one-pass result, which differs
+    from two passes'), as CHATGLM_ACTIVATIONS=int8 does; an unknown value is refused by the parser."""
+    import argparse
+
+    from chatglm_6b import kernels
+    from runtime.options import add_model_args, load_from_args
+
+    built = kernels.cpu_kernels()
+    if built is None or not built.integer_path:
+        pytest.skip("this build has no integer path")
+    monkeypatch.setattr(kernels.settings, "activations", kernels.settings.activations)  # restored afterwards
+    parser = add_model_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--device", "cpu", "--dtype", "bf16", "--quantize", "4", "--activations", "int8"])
+    model, tokenizer = load_from_args(args)
+    assert kernels.settings.activations == "int8"
+    qkv = model.transformer.layers[0].attention.query_key_value
+    x = torch.randn(3, qkv.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    one, two = (built.ops.linear(x, qkv.weight, qkv.weight_scale, qkv.bias, 4, passes) for passes in (1, 2))
+    assert not torch.equal(one, two)
+    with torch.no_grad():
+        assert torch.equal(qkv(x), one)
+    response, _ = model.chat(tokenizer, "你好", history=[], do_sample=False)
+    assert response
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--activations", "int4"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_cuda_chain_matches_the_cpu_model(fp32_demo, bits):
