@@ -228,7 +228,8 @@ class SelfAttention(nn.Module):
         # The fused projection is laid out per head as [q_h, k_h, v_h].
         qkv = self.query_key_value(hidden_states).view(B, L, self.num_heads, 3 * self.head_dim)
         qk, v = qkv[..., :2 * self.head_dim], qkv[..., 2 * self.head_dim:]  # [B, L, nh, 2 hd], [B, L, nh, hd]
-        # q and k rotated together, each by one set of angles (a decoding step's rotation was 40 small ops a layer)
+        # q and k rotated together by one pair of angle tables (four rotations, each with its own tables, casts and
+        # concatenations, were about 40 small operations a layer)
         if self.position_encoding_2d:
             # The first half of each head rotates by the position, the second half by the block position.
             cos, sin = self.rotary_emb(position_ids.transpose(1, 2))  # [B, L, 2, hd / 2]

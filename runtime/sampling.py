@@ -77,8 +77,8 @@ def sample(logits: torch.Tensor, rows: List[SamplingParams], generated: Optional
     the original's replacement (token 5). generated: each row's tokens so far (for the penalties)."""
     scores = logits.to(torch.float32, copy=True)  # adjusted in place below
     # A NaN or inf anywhere in a row makes its sum non-finite: one read of the scores, where the element-wise test
-    # (and its replacement) cost 2 ms a row of 130k. Only a non-finite sum, or a finite row whose sum overflows,
-    # takes the element-wise test.
+    # and its replacement took 4 passes and an allocation (9 ms for 16 rows of 130k). Only a non-finite sum (or a
+    # finite row whose sum overflows) takes the element-wise test.
     if not bool(scores.sum(dim=-1).isfinite().all()):
         invalid = ~torch.isfinite(scores).all(dim=-1)
         scores[invalid] = 0.0
