@@ -787,99 +787,9 @@ static void bf16_rows(const X* x, int64_t M, int64_t K, const uint16_t* w, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention of a few query rows (decoding) over a bf16 KV cache, read in place: keys and values may be views of
-// a longer buffer (only their last dimension must be contiguous). torch's CPU matmul copies such views first,
-// and its SDPA costs 0.5 ms per single-query call in bf16. Per (batch, head): scores in fp32, softmax, then the
-// values weighted in fp32; the output is rounded to bf16 once.
-// q [B, nh, L, hd] bf16; k, v [B, nh, T, hd] bf16; bias [B, nh, L, T] fp32 additive (broadcast strides allowed)
+// The two halves of one query's attention over a cache, shared by decode_attention (generate()) and
+// paged_attention (the serving engine), so that both score and weight in the same arithmetic.
 // ---------------------------------------------------------------------------------------------
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& bias, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "bf16 query, keys and values expected");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "[batch, heads, length, head_dim] expected");
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "keys and values must be contiguous in their last dimension");
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), T = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(), "shapes differ");
-  auto qf = q.to(at::kFloat).contiguous();                             // [B, H, L, D] fp32
-  at::Tensor bf;
-  if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat).expand({B, H, L, T});
-  auto out = at::empty({B, H, L, D}, q.options().dtype(at::kFloat));  // [B, H, L, D] fp32
-  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
-  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
-  const float* qp = qf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  const int64_t Dv = D / V * V;
-  const int64_t kt_stride = k.stride(2), vt_stride = v.stride(2);
-  const int64_t bt_stride = bp ? bf.stride(3) : 0;
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(T), acc(D);
-    for (int64_t i = i0; i < i1; i++) {
-      const int64_t b = i / H, h = i % H;
-      const uint16_t* kb = kp + b * k.stride(0) + h * k.stride(1);
-      const uint16_t* vb = vp + b * v.stride(0) + h * v.stride(1);
-      for (int64_t l = 0; l < L; l++) {
-        const float* ql = qp + ((b * H + h) * L + l) * D;
-        const float* bl = bp ? bp + b * bf.stride(0) + h * bf.stride(1) + l * bf.stride(2) : nullptr;
-        float top = -INFINITY;
-        for (int64_t t = 0; t < T; t++) {
-          const uint16_t* kt = kb + t * kt_stride;
-          vf s = vzero();
-          for (int64_t d = 0; d < Dv; d += V) s = vfma(vbf16(kt + d), vload(ql + d), s);
-          float st = vsum(s);
-          for (int64_t d = Dv; d < D; d++) st += bf16_to_float(kt[d]) * ql[d];
-          st = st * (float)scale + (bl ? bl[t * bt_stride] : 0.f);
-          p[t] = st;
-          top = std::max(top, st);
-        }
-        float total = 0.f;
-        for (int64_t t = 0; t < T; t++) {
-          p[t] = top == -INFINITY ? 0.f : std::exp(p[t] - top);  // a row with every key blocked gives zeros
-          total += p[t];
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t = 0; t < T; t++) {
-          const uint16_t* vt = vb + t * vt_stride;
-          const float w = p[t];
-          const vf wv = vset1(w);
-          for (int64_t d = 0; d < Dv; d += V) vstore(acc.data() + d, vfma(vbf16(vt + d), wv, vload(acc.data() + d)));
-          for (int64_t d = Dv; d < D; d++) acc[d] += w * bf16_to_float(vt[d]);
-        }
-        float* ol = op + ((b * H + h) * L + l) * D;
-        const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (int64_t d = 0; d < D; d++) ol[d] = acc[d] * inv;
-      }
-    }
-  });
-  return out.to(at::kBFloat16);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Attention over a paged KV cache (the serving engine's), read in place. Every query sees a prefix of its
-// sequence's keys: keys [0, visible) (GLM: a prompt token sees the whole context and the tokens up to itself, a
-// generated token everything before it). Keys live in blocks of BS tokens; block_tables[row] lists a sequence's
-// blocks in order. Consecutive queries of one sequence are taken QT at a time, so that each key row is read once
-// for all of them (a prefill chunk's queries share every key). Scores (bf16 pairs by vdpbf16ps where the build has
-// it: exact products), softmax and the weighted values (summed in registers, a query at a time) are fp32; the
-// output is rounded to the cache's dtype once. Decoding reads the whole cache for a few multiply-adds a byte: the
-// rows are fetched kPrefetchBlocks blocks ahead (a block of a head is a 4 KB run, too short for the hardware
-// prefetcher), which took 8 rows' attention from about 34 to 23 ms a step at 110 cached tokens.
-// q [N, H, D]; key_cache, value_cache [num_blocks, H, BS, D] (q's dtype: fp32 or bf16); block_tables [S, max_blocks]
-// int32; rows, visible [N] int32 -> [N, H, D]
-// ---------------------------------------------------------------------------------------------
-
-constexpr int QT = 8;  // queries of one sequence sharing each key read
-constexpr int kValueVectors = 8;  // value sums held in registers at a time (head_dim 128 at AVX-512's width)
-constexpr int64_t kPrefetchBlocks = 8;  // how far ahead a head's cache rows are fetched
-
-// A cache row's bytes brought towards the cache (the next block's row while this block's are used: a block is only
-// BS rows of a head, too short a run for the hardware prefetcher)
-template <typename E>
-static inline void prefetch_row(const E* row, int64_t D) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < D * (int64_t)sizeof(E); b += 64) __builtin_prefetch(bytes + b, 0, 1);
-}
 
 // q . k for one key row: bf16 pairs with vdpbf16ps (exact products, fp32 sums) where the build has it and q is bf16,
 // else fp32 FMAs. Two chains of sums: one would wait on each instruction's latency.
@@ -922,6 +832,108 @@ static inline void weighted_values(RowOf value_row, const float* p, int64_t visi
   for (int c = 0; c < NV; c++) vstore(out + d0 + c * V, vset1(inv) * acc[c]);
 }
 
+constexpr int kValueVectors = 8;  // value sums held in registers at a time (head_dim 128 at AVX-512's width)
+
+// out[0 .. D) = inv * sum_t p[t] v[t] over one query's first `visible` value rows (value_row(t)), kValueVectors
+// vectors of d at a time
+template <typename E, typename RowOf>
+static inline void weighted_rows(RowOf value_row, const float* p, int64_t visible, int64_t D, float inv, float* out) {
+  const int64_t Dv = D / V * V;
+  int64_t d0 = 0;
+  for (; d0 + kValueVectors * V <= Dv; d0 += kValueVectors * V)
+    weighted_values<kValueVectors, E>(value_row, p, visible, d0, inv, out);
+  for (; d0 < Dv; d0 += V) weighted_values<1, E>(value_row, p, visible, d0, inv, out);
+  for (int64_t d = Dv; d < D; d++) {
+    float sum = 0.f;
+    for (int64_t t = 0; t < visible; t++) sum += p[t] * elem_to_float(value_row(t)[d]);
+    out[d] = sum * inv;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention of a few query rows (decoding) over a bf16 KV cache, read in place: keys and values may be views of
+// a longer buffer (only their last dimension must be contiguous). torch's CPU matmul copies such views first,
+// and its SDPA costs 0.5 ms per single-query call in bf16. Per (batch, head): scores (key_dot), softmax, then the
+// values weighted (weighted_rows), as paged_attention takes them; the output is rounded to bf16 once.
+// q [B, nh, L, hd] bf16; k, v [B, nh, T, hd] bf16; bias [B, nh, L, T] fp32 additive (broadcast strides allowed)
+// ---------------------------------------------------------------------------------------------
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& bias, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "bf16 query, keys and values expected");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "[batch, heads, length, head_dim] expected");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "keys and values must be contiguous in their last dimension");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(), "shapes differ");
+  auto qf = q.to(at::kFloat).contiguous();                             // [B, H, L, D] fp32
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat).expand({B, H, L, T});
+  auto out = at::empty({B, H, L, D}, q.options().dtype(at::kFloat));  // [B, H, L, D] fp32
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  const auto qb = q.contiguous();  // [B, H, L, D] bf16 (vdpbf16ps's operand; qf the others')
+  const uint16_t* qbp = reinterpret_cast<const uint16_t*>(qb.data_ptr());
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const int64_t kt_stride = k.stride(2), vt_stride = v.stride(2);
+  const int64_t bt_stride = bp ? bf.stride(3) : 0;
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(T);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / H, h = i % H;
+      const uint16_t* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const uint16_t* vb = vp + b * v.stride(0) + h * v.stride(1);
+      auto value_row = [&](int64_t t) { return vb + t * vt_stride; };
+      for (int64_t l = 0; l < L; l++) {
+        const float* ql = qp + ((b * H + h) * L + l) * D;
+        const float* bl = bp ? bp + b * bf.stride(0) + h * bf.stride(1) + l * bf.stride(2) : nullptr;
+        const uint16_t* qbl = qbp + ((b * H + h) * L + l) * D;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < T; t++) {
+          const float st = key_dot(kb + t * kt_stride, ql, qbl, D) * (float)scale + (bl ? bl[t * bt_stride] : 0.f);
+          p[t] = st;
+          top = std::max(top, st);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < T; t++) {
+          p[t] = top == -INFINITY ? 0.f : std::exp(p[t] - top);  // a row with every key blocked gives zeros
+          total += p[t];
+        }
+        float* ol = op + ((b * H + h) * L + l) * D;
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        weighted_rows<uint16_t>(value_row, p.data(), T, D, inv, ol);
+      }
+    }
+  });
+  return out.to(at::kBFloat16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention over a paged KV cache (the serving engine's), read in place. Every query sees a prefix of its
+// sequence's keys: keys [0, visible) (GLM: a prompt token sees the whole context and the tokens up to itself, a
+// generated token everything before it). Keys live in blocks of BS tokens; block_tables[row] lists a sequence's
+// blocks in order. Consecutive queries of one sequence are taken QT at a time, so that each key row is read once
+// for all of them (a prefill chunk's queries share every key). Scores (bf16 pairs by vdpbf16ps where the build has
+// it: exact products), softmax and the weighted values (summed in registers, a query at a time) are fp32; the
+// output is rounded to the cache's dtype once. Decoding reads the whole cache for a few multiply-adds a byte: the
+// rows are fetched kPrefetchBlocks blocks ahead (a block of a head is a 4 KB run, too short for the hardware
+// prefetcher), which took 8 rows' attention from about 34 to 23 ms a step at 110 cached tokens.
+// q [N, H, D]; key_cache, value_cache [num_blocks, H, BS, D] (q's dtype: fp32 or bf16); block_tables [S, max_blocks]
+// int32; rows, visible [N] int32 -> [N, H, D]
+// ---------------------------------------------------------------------------------------------
+
+constexpr int QT = 8;  // queries of one sequence sharing each key read
+constexpr int64_t kPrefetchBlocks = 8;  // how far ahead a head's cache rows are fetched
+
+// A cache row's bytes brought towards the cache (the next block's row while this block's are used: a block is only
+// BS rows of a head, too short a run for the hardware prefetcher)
+template <typename E>
+static inline void prefetch_row(const E* row, int64_t D) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * (int64_t)sizeof(E); b += 64) __builtin_prefetch(bytes + b, 0, 1);
+}
+
 template <typename E>
 static void paged_attention_impl(const float* q, const uint16_t* q_bf16, const E* kc, const E* vc,
                                  const int32_t* tables, int64_t max_blocks, const int32_t* rows, const int32_t* visible,
@@ -931,7 +943,6 @@ static void paged_attention_impl(const float* q, const uint16_t* q_bf16, const E
     if (starts.empty() || rows[i] != rows[starts.back()] || i - starts.back() == QT) starts.push_back(i);
   const int64_t G = starts.size();
   starts.push_back(N);
-  const int64_t Dv = D / V * V;
   at::parallel_for(0, G * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
     for (int64_t i = i0; i < i1; i++) {
@@ -973,15 +984,7 @@ static void paged_attention_impl(const float* q, const uint16_t* q_bf16, const E
           if (j == 0) next_block_row(vc, t);
           return row_of(vc, t);
         };
-        int64_t d0 = 0;
-        for (; d0 + kValueVectors * V <= Dv; d0 += kValueVectors * V)
-          weighted_values<kValueVectors, E>(value_row, pj, seen, d0, inv, oj);
-        for (; d0 < Dv; d0 += V) weighted_values<1, E>(value_row, pj, seen, d0, inv, oj);
-        for (int64_t d = Dv; d < D; d++) {
-          float sum = 0.f;
-          for (int64_t t = 0; t < seen; t++) sum += pj[t] * elem_to_float(row_of(vc, t)[d]);
-          oj[d] = sum * inv;
-        }
+        weighted_rows<E>(value_row, pj, seen, D, inv, oj);
       }
     }
   });
