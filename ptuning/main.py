@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import transformers
 from datasets import load_dataset
-from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainerCallback, set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
@@ -231,6 +231,21 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments,
     return training_args
 
 
+class ReleaseDeepSpeedSharedMemory(TrainerCallback):
+    """DeepSpeed's CPU all-reduce maps one /dev/shm file per process (69 MB) and never removes it: every CPU run
+    kept 69 MB of RAM per process in /dev/shm until a reboot. When training starts every process has mapped every
+    file (DeepSpeed's start, before the barrier), so each unlinks its own; the mappings live on until it exits."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not args.deepspeed or args.device.type != "cpu" or not torch.distributed.is_initialized():
+            return
+        torch.distributed.barrier()
+        name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+        if os.path.exists(name):
+            os.unlink(name)
+
+
 def main(argv: Optional[List[str]] = None) -> ChatGLMTrainer:
     """Runs what the arguments ask for; returns the trainer (its model included) for programmatic use."""
     model_args, data_args, training_args = parse_args(argv)
@@ -286,7 +301,8 @@ def main(argv: Optional[List[str]] = None) -> ChatGLMTrainer:
                                else tokenizer.pad_token_id,
                                max_length=data_args.max_source_length + data_args.max_target_length
                                if data_args.pad_to_max_length else None),
-        compute_metrics=compute_metrics if training_args.predict_with_generate else None)
+        compute_metrics=compute_metrics if training_args.predict_with_generate else None,
+        callbacks=[ReleaseDeepSpeedSharedMemory()])
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -1,5 +1,6 @@
 """ptuning/main.py under torchrun on CPU (DDP over gloo): two processes train as one with twice the gradient
 accumulation, rank 0 alone writes the checkpoints, and a distributed run resumes step for step."""
+import glob
 import importlib.util
 import json
 import os
@@ -90,10 +91,13 @@ def test_deepspeed_zero_trains_on_two_cpu_processes_like_one(tmp_path, config):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MODEL": TINY, "STEPS": "4", "BATCH": "1", "ACCUM": "2",
            "NUM_GPUS": "2", "DS_CONFIG": config, "LR": "1e-3", "SOURCE_LEN": "64", "TARGET_LEN": "64",
            "OUTPUT": str(tmp_path / "ds")}
+    shared_memory = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     result = subprocess.run(["bash", "ptuning/ds_train_finetune.sh", "--use_cpu", "--max_train_samples", "4",
                              "--logging_steps", "1", "--seed", "0", "--report_to", "none", "--disable_tqdm", "true"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    # DeepSpeed's all-reduce files in /dev/shm (RAM) are gone with the processes
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shared_memory
     train(tmp_path / "one", 1, 4, max_steps=4, save_steps=4, learning_rate=1e-3)
     ds, one = curve(tmp_path / "ds" / "trainer_state.json"), curve(tmp_path / "one" / "trainer_state.json")
     assert [step for step, _ in ds] == [1, 2, 3, 4]
