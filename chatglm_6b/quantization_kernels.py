@@ -818,35 +818,34 @@ static inline float key_dot(const E* k, const float* qf, const uint16_t* qb, int
   return st;
 }
 
-// out[d0 .. d0 + NV * V) = inv * sum_t p[t] v[t, d0 ..] over one query's visible keys, the sums in registers
+// sums[d0 .. d0 + NV * V) += sum_t p[t] v[t, d0 ..] over `count` value rows, the sums in registers meanwhile
 template <int NV, typename E, typename RowOf>
-static inline void weighted_values(RowOf value_row, const float* p, int64_t visible, int64_t d0, float inv,
-                                   float* out) {
+static inline void add_weighted_values(RowOf value_row, const float* p, int64_t count, int64_t d0, float* sums) {
   vf acc[NV];
-  for (auto& a : acc) a = vzero();
-  for (int64_t t = 0; t < visible; t++) {
+  for (int c = 0; c < NV; c++) acc[c] = vload(sums + d0 + c * V);
+  for (int64_t t = 0; t < count; t++) {
     const E* vt = value_row(t) + d0;
     const vf w = vset1(p[t]);
     for (int c = 0; c < NV; c++) acc[c] = vfma(vload_elem(vt + c * V), w, acc[c]);
   }
-  for (int c = 0; c < NV; c++) vstore(out + d0 + c * V, vset1(inv) * acc[c]);
+  for (int c = 0; c < NV; c++) vstore(sums + d0 + c * V, acc[c]);
 }
 
 constexpr int kValueVectors = 8;  // value sums held in registers at a time (head_dim 128 at AVX-512's width)
 
-// out[0 .. D) = inv * sum_t p[t] v[t] over one query's first `visible` value rows (value_row(t)), kValueVectors
-// vectors of d at a time
+// sums[0 .. D) += sum_t p[t] v[t] over `count` value rows (value_row(t)), kValueVectors vectors of d at a time. Rows
+// added in several calls give the same sums as in one: each sum takes its rows in order, one multiply-add each.
 template <typename E, typename RowOf>
-static inline void weighted_rows(RowOf value_row, const float* p, int64_t visible, int64_t D, float inv, float* out) {
+static inline void add_weighted_rows(RowOf value_row, const float* p, int64_t count, int64_t D, float* sums) {
   const int64_t Dv = D / V * V;
   int64_t d0 = 0;
   for (; d0 + kValueVectors * V <= Dv; d0 += kValueVectors * V)
-    weighted_values<kValueVectors, E>(value_row, p, visible, d0, inv, out);
-  for (; d0 < Dv; d0 += V) weighted_values<1, E>(value_row, p, visible, d0, inv, out);
+    add_weighted_values<kValueVectors, E>(value_row, p, count, d0, sums);
+  for (; d0 < Dv; d0 += V) add_weighted_values<1, E>(value_row, p, count, d0, sums);
   for (int64_t d = Dv; d < D; d++) {
-    float sum = 0.f;
-    for (int64_t t = 0; t < visible; t++) sum += p[t] * elem_to_float(value_row(t)[d]);
-    out[d] = sum * inv;
+    float sum = sums[d];
+    for (int64_t t = 0; t < count; t++) sum += p[t] * elem_to_float(value_row(t)[d]);
+    sums[d] = sum;
   }
 }
 
@@ -854,7 +853,7 @@ static inline void weighted_rows(RowOf value_row, const float* p, int64_t visibl
 // Attention of a few query rows (decoding) over a bf16 KV cache, read in place: keys and values may be views of
 // a longer buffer (only their last dimension must be contiguous). torch's CPU matmul copies such views first,
 // and its SDPA costs 0.5 ms per single-query call in bf16. Per (batch, head): scores (key_dot), softmax, then the
-// values weighted (weighted_rows), as paged_attention takes them; the output is rounded to bf16 once.
+// values weighted (add_weighted_rows), as paged_attention takes them; the output is rounded to bf16 once.
 // q [B, nh, L, hd] bf16; k, v [B, nh, T, hd] bf16; bias [B, nh, L, T] fp32 additive (broadcast strides allowed)
 // ---------------------------------------------------------------------------------------------
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -902,7 +901,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         }
         float* ol = op + ((b * H + h) * L + l) * D;
         const float inv = total > 0.f ? 1.f / total : 0.f;
-        weighted_rows<uint16_t>(value_row, p.data(), T, D, inv, ol);
+        std::fill(ol, ol + D, 0.f);
+        add_weighted_rows<uint16_t>(value_row, p.data(), T, D, ol);
+        for (int64_t d = 0; d < D; d++) ol[d] *= inv;
       }
     }
   });
@@ -913,25 +914,37 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // Attention over a paged KV cache (the serving engine's), read in place. Every query sees a prefix of its
 // sequence's keys: keys [0, visible) (GLM: a prompt token sees the whole context and the tokens up to itself, a
 // generated token everything before it). Keys live in blocks of BS tokens; block_tables[row] lists a sequence's
-// blocks in order. Consecutive queries of one sequence are taken QT at a time, so that each key row is read once
-// for all of them (a prefill chunk's queries share every key). Scores (bf16 pairs by vdpbf16ps where the build has
-// it: exact products), softmax and the weighted values (summed in registers, a query at a time) are fp32; the
-// output is rounded to the cache's dtype once. Decoding reads the whole cache for a few multiply-adds a byte: the
-// rows are fetched kPrefetchBlocks blocks ahead (a block of a head is a 4 KB run, too short for the hardware
-// prefetcher), which took 8 rows' attention from about 34 to 23 ms a step at 110 cached tokens.
+// blocks in order. A work item is up to QT consecutive queries of one sequence (a prefill chunk's queries share
+// every key read) and a group of heads: a block holds those heads' rows as one run ([heads, BS, D]: 128 KB for all
+// 32 heads at bf16, head_dim 128), which the item reads block by block, the block kPrefetchBlocks on fetched
+// meanwhile. The groups are as large as the threads allow (head_group). Taken head by head, a block is a 4 KB run a
+// page apart from the next, and decoding at 1000 cached tokens read the cache at about 18 GB/s. Scores (bf16
+// pairs by vdpbf16ps where the build has it: exact products), softmax and the weighted values are fp32, each value
+// sum taking its rows in order (add_weighted_rows, block by block); the output is rounded to the cache's dtype once.
 // q [N, H, D]; key_cache, value_cache [num_blocks, H, BS, D] (q's dtype: fp32 or bf16); block_tables [S, max_blocks]
 // int32; rows, visible [N] int32 -> [N, H, D]
 // ---------------------------------------------------------------------------------------------
 
 constexpr int QT = 8;  // queries of one sequence sharing each key read
-constexpr int64_t kPrefetchBlocks = 8;  // how far ahead a head's cache rows are fetched
+constexpr int64_t kPrefetchBlocks = 2;  // how far ahead an item's block runs are fetched
 
-// A cache row's bytes brought towards the cache (the next block's row while this block's are used: a block is only
-// BS rows of a head, too short a run for the hardware prefetcher)
-template <typename E>
-static inline void prefetch_row(const E* row, int64_t D) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < D * (int64_t)sizeof(E); b += 64) __builtin_prefetch(bytes + b, 0, 1);
+// Heads per work item for G query groups: all H, halved while the items would leave threads idle (fewer items than
+// threads, or a few that do not divide evenly among them)
+static int64_t head_group(int64_t G, int64_t H) {
+  const int64_t threads = at::get_num_threads();
+  int64_t heads = H;
+  while (heads % 2 == 0 && heads > 1) {
+    const int64_t items = G * (H / heads);
+    if (items >= threads && (items % threads == 0 || items >= 4 * threads)) break;
+    heads /= 2;
+  }
+  return heads;
+}
+
+// A run of cache bytes brought towards the cache
+static inline void prefetch_bytes(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 1);
 }
 
 template <typename E>
@@ -941,51 +954,72 @@ static void paged_attention_impl(const float* q, const uint16_t* q_bf16, const E
   std::vector<int64_t> starts;  // groups of up to QT consecutive queries of one sequence
   for (int64_t i = 0; i < N; i++)
     if (starts.empty() || rows[i] != rows[starts.back()] || i - starts.back() == QT) starts.push_back(i);
-  const int64_t G = starts.size();
+  const int64_t G = starts.size(), group = head_group(G, H), head_groups = H / group;
   starts.push_back(N);
-  at::parallel_for(0, G * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
+  at::parallel_for(0, G * head_groups, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p, sums, top, inv;
     for (int64_t i = i0; i < i1; i++) {
-      const int64_t g = i / H, h = i % H, first = starts[g], n = starts[g + 1] - first;
+      const int64_t g = i / head_groups, h0 = i % head_groups * group, nh = group;
+      const int64_t first = starts[g], n = starts[g + 1] - first;
       const int32_t* table = tables + rows[first] * max_blocks;
       int64_t T = 0;
       for (int64_t j = 0; j < n; j++) T = std::max<int64_t>(T, visible[first + j]);
-      const int64_t blocks = (T + BS - 1) / BS;
-      auto row_of = [&](const E* cache, int64_t t) {
-        return cache + ((int64_t)table[t / BS] * H + h) * BS * D + (t % BS) * D;
+      const int64_t blocks = (T + BS - 1) / BS, run = nh * BS * D;  // a block's rows of these heads: [nh, BS, D]
+      auto block_run = [&](const E* cache, int64_t b) { return cache + ((int64_t)table[b] * H + h0) * BS * D; };
+      auto fetch_ahead = [&](const E* cache, int64_t b, int64_t hh) {  // head hh's rows of block b + kPrefetchBlocks
+        if (b + kPrefetchBlocks < blocks) prefetch_bytes(block_run(cache, b + kPrefetchBlocks) + hh * BS * D, BS * D * sizeof(E));
       };
-      auto next_block_row = [&](const E* cache, int64_t t) {  // the same row kPrefetchBlocks blocks on, if used
-        if (t / BS + kPrefetchBlocks < blocks) prefetch_row(row_of(cache, t + kPrefetchBlocks * BS), D);
-      };
-      for (int64_t t = 0; t < std::min(T, kPrefetchBlocks * BS); t++) prefetch_row(row_of(kc, t), D);
-      p.assign(n * T, 0.f);
-      float top[QT];
-      for (int64_t j = 0; j < n; j++) top[j] = -INFINITY;
-      for (int64_t t = 0; t < T; t++) {
-        next_block_row(kc, t);
-        const E* kt = row_of(kc, t);
-        for (int64_t j = 0; j < n; j++) {
-          if (t >= visible[first + j]) continue;
-          const int64_t qi = ((first + j) * H + h) * D;
-          const float st = key_dot(kt, q + qi, q_bf16 ? q_bf16 + qi : nullptr, D) * scale;
-          p[j * T + t] = st;
-          top[j] = std::max(top[j], st);
+      for (int64_t b = 0; b < std::min(blocks, kPrefetchBlocks); b++) prefetch_bytes(block_run(kc, b), run * sizeof(E));
+      // scores p[(j, hh), t] and their maxima
+      p.assign(n * nh * T, 0.f);
+      top.assign(n * nh, -INFINITY);
+      for (int64_t b = 0; b < blocks; b++) {
+        const E* keys = block_run(kc, b);
+        const int64_t t0 = b * BS, count = std::min(BS, T - t0);
+        for (int64_t hh = 0; hh < nh; hh++) {
+          fetch_ahead(kc, b, hh);
+          for (int64_t r = 0; r < count; r++) {
+            const E* kt = keys + (hh * BS + r) * D;
+            for (int64_t j = 0; j < n; j++) {
+              if (t0 + r >= visible[first + j]) continue;
+              const int64_t qi = ((first + j) * H + h0 + hh) * D, s = j * nh + hh;
+              const float st = key_dot(kt, q + qi, q_bf16 ? q_bf16 + qi : nullptr, D) * scale;
+              p[s * T + t0 + r] = st;
+              top[s] = std::max(top[s], st);
+            }
+          }
         }
       }
-      for (int64_t t = 0; t < std::min(T, kPrefetchBlocks * BS); t++) prefetch_row(row_of(vc, t), D);
-      for (int64_t j = 0; j < n; j++) {
-        const int64_t seen = visible[first + j];
-        float total = 0.f;
-        float* pj = p.data() + j * T;
-        for (int64_t t = 0; t < seen; t++) total += (pj[t] = std::exp(pj[t] - top[j]));
-        const float inv = total > 0.f ? 1.f / total : 0.f;  // a query that sees no key gives zeros
-        float* oj = out + ((first + j) * H + h) * D;
-        auto value_row = [&](int64_t t) {
-          if (j == 0) next_block_row(vc, t);
-          return row_of(vc, t);
-        };
-        weighted_rows<E>(value_row, pj, seen, D, inv, oj);
+      for (int64_t b = 0; b < std::min(blocks, kPrefetchBlocks); b++) prefetch_bytes(block_run(vc, b), run * sizeof(E));
+      inv.assign(n * nh, 0.f);
+      for (int64_t j = 0; j < n; j++)
+        for (int64_t hh = 0; hh < nh; hh++) {
+          const int64_t s = j * nh + hh, seen = visible[first + j];
+          float total = 0.f;
+          float* ps = p.data() + s * T;
+          for (int64_t t = 0; t < seen; t++) total += (ps[t] = std::exp(ps[t] - top[s]));
+          inv[s] = total > 0.f ? 1.f / total : 0.f;  // a query that sees no key gives zeros
+        }
+      // the weighted values, block by block
+      sums.assign(n * nh * D, 0.f);
+      for (int64_t b = 0; b < blocks; b++) {
+        const E* values = block_run(vc, b);
+        const int64_t t0 = b * BS;
+        for (int64_t hh = 0; hh < nh; hh++) {
+          fetch_ahead(vc, b, hh);
+          auto value_row = [&](int64_t r) { return values + (hh * BS + r) * D; };
+          for (int64_t j = 0; j < n; j++) {
+            const int64_t s = j * nh + hh, count = std::min(BS, (int64_t)visible[first + j] - t0);
+            if (count > 0) add_weighted_rows<E>(value_row, p.data() + s * T + t0, count, D, sums.data() + s * D);
+          }
+        }
       }
+      for (int64_t j = 0; j < n; j++)
+        for (int64_t hh = 0; hh < nh; hh++) {
+          const int64_t s = j * nh + hh;
+          float* o = out + ((first + j) * H + h0 + hh) * D;
+          for (int64_t d = 0; d < D; d++) o[d] = sums[s * D + d] * inv[s];
+        }
     }
   });
 }

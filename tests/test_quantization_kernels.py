@@ -312,6 +312,33 @@ def test_paged_attention_reads_each_querys_blocks(kernels, dtype, H, D, block):
         kernels.paged_attention(q, key_cache, value_cache, tables, rows_t, visible_t + max_blocks * block, 1.0)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_paged_attention_gives_a_query_the_same_result_alone_and_batched(kernels, threads):
+    """The kernel splits the work into query groups and head groups sized to the threads (a lone query's heads are
+    split, a batch's are not): a query's result does not depend on the split, to the bit."""
+    torch.manual_seed(threads)
+    H, D, block, num_blocks = 8, 64, 4, 30
+    key_cache, value_cache = (torch.randn(num_blocks, H, block, D).bfloat16() for _ in range(2))
+    tables = torch.randperm(num_blocks)[:3 * 9].view(3, 9).int()
+    rows, visible = [0, 1, 1, 1, 2], [33, 20, 21, 22, 1]  # a decoding query, a prefill slice of 3, a first token
+    q = torch.randn(len(rows), H, D).bfloat16()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        def attend(index):
+            return kernels.paged_attention(q[index], key_cache, value_cache, tables,
+                                           torch.tensor([rows[i] for i in index], dtype=torch.int32),
+                                           torch.tensor([visible[i] for i in index], dtype=torch.int32), D ** -0.5)
+
+        batched = attend(list(range(len(rows))))
+        for i in range(len(rows)):
+            assert torch.equal(attend([i])[0], batched[i])
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(batched.float(), paged_reference(q, key_cache, value_cache, tables, rows, visible),
+                               rtol=2 ** -7, atol=2e-3)
+
+
 def test_the_cpu_backend_takes_the_bf16_kernel_only_where_it_applies(kernels, monkeypatch):
     calls = []
     loaded = kernel_module.cpu_kernels()
