@@ -193,13 +193,15 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) and signed_sin = (-sin1, sin2): the same bits
+    (a sign moves exactly from one factor to the other) with one operation fewer. cos, signed_sin in x's dtype."""
+    return x * cos + swap_halves(x) * signed_sin
 
 
 class Linear(nn.Linear):
@@ -221,33 +223,43 @@ class SelfAttention(nn.Module):
         self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = Linear(config.hidden_size, config.hidden_size)
 
-    def project(self, hidden_states: torch.Tensor, position_ids: torch.LongTensor):
+    def rotation(self, position_ids: torch.LongTensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The angles of position_ids [B, 2, L] (or [B, L] for the 1-D variant) as apply_rotary takes them: cos and
+        signed sin in `dtype`, shaped to rotate the q|k pairs of project() ([B, L, 1, 1, 2, hd / 2], 1-D: [B, L, 1, 1,
+        hd]). Every layer's are the same: a forward computes them once for all layers (ChatGLMModel.forward, the
+        serving engine's runner)."""
+        if self.position_encoding_2d:
+            # The first half of each head rotates by the position, the second half by the block position.
+            cos, sin = self.rotary_emb(position_ids.transpose(-2, -1))  # [B, L, 2, hd / 2]
+        else:
+            cos, sin = self.rotary_emb(position_ids)  # [B, L, hd]
+        sin1, sin2 = sin.to(dtype).chunk(2, dim=-1)
+        return cos.to(dtype)[:, :, None, None], torch.cat((-sin1, sin2), dim=-1)[:, :, None, None]
+
+    def project(self, hidden_states: torch.Tensor, position_ids: Optional[torch.LongTensor] = None,
+                rotation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         """The layer's queries, keys and values, rotated by their positions: hidden_states [B, L, H], position_ids
-        [B, 2, L] (or [B, L] for the 1-D variant) -> q, k, v [B, L, nh, hd]. Each token's are its own (the serving
-        engine runs tokens of different sequences through it as one batch row)."""
+        [B, 2, L] (or [B, L] for the 1-D variant) or their rotation() -> q, k, v [B, L, nh, hd]. Each token's are its
+        own (the serving engine runs tokens of different sequences through it as one batch row)."""
         B, L, _ = hidden_states.shape
         # The fused projection is laid out per head as [q_h, k_h, v_h].
         qkv = self.query_key_value(hidden_states).view(B, L, self.num_heads, 3 * self.head_dim)
         qk, v = qkv[..., :2 * self.head_dim], qkv[..., 2 * self.head_dim:]  # [B, L, nh, 2 hd], [B, L, nh, hd]
-        # q and k rotated together by one pair of angle tables (four rotations, each with its own tables, casts and
-        # concatenations, were about 40 small operations a layer)
-        if self.position_encoding_2d:
-            # The first half of each head rotates by the position, the second half by the block position.
-            cos, sin = self.rotary_emb(position_ids.transpose(1, 2))  # [B, L, 2, hd / 2]
-            qk = qk.unflatten(-1, (2, 2, self.head_dim // 2))  # [B, L, nh, q|k, half, hd / 2]
-        else:
-            cos, sin = self.rotary_emb(position_ids)  # [B, L, hd]
-            qk = qk.unflatten(-1, (2, self.head_dim))  # [B, L, nh, q|k, hd]
-        cos, sin = cos[:, :, None, None], sin[:, :, None, None]  # one angle per token for every head, q and k
-        q, k = apply_rotary(qk, cos, sin).reshape(B, L, self.num_heads, 2, self.head_dim).unbind(3)
+        cos, signed_sin = rotation if rotation is not None else self.rotation(position_ids, qk.dtype)
+        # q and k rotated together: [B, L, nh, q|k, half, hd / 2] (1-D: [B, L, nh, q|k, hd])
+        qk = qk.unflatten(-1, (2, 2, self.head_dim // 2) if self.position_encoding_2d else (2, self.head_dim))
+        # (a no-op unless the layer computes in another dtype or on another device: autocast, a split model)
+        cos, signed_sin = cos.to(qk.device, qk.dtype), signed_sin.to(qk.device, qk.dtype)
+        rotated = apply_rotary(qk, cos, signed_sin)
+        q, k = rotated.reshape(B, L, self.num_heads, 2, self.head_dim).unbind(3)
         return q, k, v
 
     def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
-                cache: Optional[Cache] = None, output_attentions: bool = False):
-        # hidden_states [B, L, H]; position_ids [B, 2, L] (or [B, L] for the 1-D variant)
+                cache: Optional[Cache] = None, output_attentions: bool = False, rotation=None):
+        # hidden_states [B, L, H]; position_ids [B, 2, L] (or [B, L] for the 1-D variant), or their rotation()
         # attention_bias [B or 1, 1, L, prefix + past + L] additive, or None
         B, L, _ = hidden_states.shape
-        q, k, v = self.project(hidden_states, position_ids)
+        q, k, v = self.project(hidden_states, position_ids, rotation)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nh, L, hd]
         if prefix_key is not None:
             k, v = torch.cat([prefix_key, k], dim=2), torch.cat([prefix_value, v], dim=2)
@@ -285,11 +297,12 @@ class GLMBlock(GradientCheckpointingLayer):
         self.alpha = (2 * ORIGINAL_NUM_LAYERS) ** 0.5
 
     def forward(self, hidden_states, position_ids, attention_bias, prefix_key=None, prefix_value=None,
-                cache: Optional[Cache] = None, output_attentions: bool = False):
+                cache: Optional[Cache] = None, output_attentions: bool = False, rotation=None):
         # GLM's residual adds the *normalised* input, scaled by alpha.
         attention_input = self.input_layernorm(hidden_states)
         attention_output, probs = self.attention(attention_input, position_ids, attention_bias, prefix_key,
-                                                 prefix_value, cache=cache, output_attentions=output_attentions)
+                                                 prefix_value, cache=cache, output_attentions=output_attentions,
+                                                 rotation=rotation)
         return self.feed_forward(attention_input, attention_output), probs
 
     def feed_forward(self, attention_input: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
@@ -456,6 +469,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             attention_bias.masked_fill_(attention_mask.to(inputs_embeds.device), MASK_FILL_VALUE)
 
         hidden_states = inputs_embeds
+        rotation = self.layers[0].attention.rotation(position_ids, inputs_embeds.dtype) if self.layers else None
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for i, layer in enumerate(self.layers):
@@ -465,7 +479,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 hidden_states, position_ids, attention_bias,
                 prefix_keys[i] if prefix_keys is not None else None,
                 prefix_values[i] if prefix_values is not None else None,
-                cache=cache if use_cache else None, output_attentions=output_attentions)
+                cache=cache if use_cache else None, output_attentions=output_attentions, rotation=rotation)
             if output_attentions:
                 all_attentions += (probs,)
         hidden_states = self.final_layernorm(hidden_states)

@@ -12,7 +12,7 @@ A prefilling sequence keeps three buffers for its prompt tokens: the hidden stat
 computed, that layer's LayerNorm output (the residual of FINISH) and its queries.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -25,7 +25,7 @@ class PrefillBuffers:
     hidden: torch.Tensor  # [n, H]: entering the layer being computed (after the last layer's FINISH: its output)
     attention_input: torch.Tensor  # [n, H]: that layer's input LayerNorm
     queries: torch.Tensor  # [n, heads, head_dim]
-    positions: torch.Tensor  # [2, n] or [n]
+    rotation: Tuple[torch.Tensor, torch.Tensor]  # the rotary angles of their positions ([1, n, ...], SelfAttention.rotation)
     places: torch.Tensor  # [n, heads]: where their keys and values go in the cache
 
 
@@ -33,7 +33,7 @@ class PrefillBuffers:
 class DecodeRows:
     """The decoding rows of a step as they go through the layers."""
     hidden: torch.Tensor  # [n, H]
-    positions: torch.Tensor  # [2, n] or [n]
+    rotation: Tuple[torch.Tensor, torch.Tensor]  # [1, n, ...], computed once for all layers
     places: torch.Tensor  # [n, heads]
     seen: SeenKeys
 
@@ -89,13 +89,17 @@ class ModelRunner:
         norm = self.transformer.final_layernorm
         return self.model.lm_head(norm(joined([x.to(norm.weight.device) for x in last])))  # [rows, vocab]
 
+    def _rotation(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The rotary angles of tokens at positions [2, n] (or [n]): [1, n, ...] each, for every layer."""
+        return self.transformer.layers[0].attention.rotation(positions[None].to(self.device), dtype)
+
     def _decode_rows(self, sequences: List[Sequence], table_row: dict) -> DecodeRows:
         tokens = torch.tensor([s.tokens[s.computed] for s in sequences], device=self.device)
         places = [self.cache.places(s.blocks, s.prefix_length + s.computed, s.prefix_length + s.computed + 1)
                   for s in sequences]
-        return DecodeRows(hidden=self.transformer.word_embeddings(tokens),
-                          positions=joined([s.positions(s.computed, s.computed + 1) for s in sequences], dim=-1),
-                          places=joined(places),
+        hidden = self.transformer.word_embeddings(tokens)
+        positions = joined([s.positions(s.computed, s.computed + 1) for s in sequences], dim=-1)
+        return DecodeRows(hidden=hidden, rotation=self._rotation(positions, hidden.dtype), places=joined(places),
                           seen=SeenKeys([table_row[id(s)] for s in sequences], [s.visible(s.computed) for s in sequences]))
 
     def _project(self, index, layer, device, decode: Optional[DecodeRows], segments: List[Segment]):
@@ -106,10 +110,12 @@ class ModelRunner:
             return None, None
         first = [decode] if decode is not None else []
         rows = [d.hidden for d in first] + [g.sequence.workspace.hidden[g.start:g.end].to(device) for g in segments]
-        positions = [d.positions for d in first] + [g.sequence.workspace.positions[..., g.start:g.end] for g in segments]
+        rotations = [d.rotation for d in first] + [tuple(t[:, g.start:g.end] for t in g.sequence.workspace.rotation)
+                                                    for g in segments]
         places = [d.places for d in first] + [g.sequence.workspace.places[g.start:g.end] for g in segments]
         attention_input = layer.input_layernorm(joined(rows))
-        q, k, v = layer.attention.project(attention_input[None], joined(positions, dim=-1).to(device)[None])
+        rotation = tuple(joined(list(tables), dim=1) for tables in zip(*rotations))  # (cos, signed sin)
+        q, k, v = layer.attention.project(attention_input[None], rotation=rotation)
         q, k, v = q[0], k[0], v[0]  # [rows, nh, hd]
         self.cache.write(index, joined(places).to(device), k, v)
         n = offset = len(decode.seen.rows) if decode is not None else 0
@@ -149,7 +155,7 @@ class ModelRunner:
         sequence.workspace = PrefillBuffers(
             hidden=hidden, attention_input=torch.empty_like(hidden),
             queries=hidden.new_empty(len(tokens), self.num_heads, self.head_dim),
-            positions=sequence.positions(0, len(tokens)),
+            rotation=self._rotation(sequence.positions(0, len(tokens)), hidden.dtype),
             places=self.cache.places(sequence.blocks, sequence.prefix_length, sequence.prefix_length + len(tokens)))
         self._write_prefix(sequence)
 
