@@ -165,6 +165,22 @@ def test_integer_path_takes_strided_low_precision_and_zero_inputs(kernels, activ
 
 
 @needs_integer_path
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [2, 9])  # the row-major kernel and the decoded tile
+def test_integer_path_takes_scales_and_bias_in_the_models_dtype(kernels, activations, dtype, rows):
+    """A module holds its scales and bias in the model's dtype: the integer path gives the bits of the same values
+    given in fp32, with and without a bias."""
+    q, s = Q.quantize_weight(torch.randn(72, 256), 4)
+    s, b = s.to(dtype), torch.randn(72).to(dtype)
+    x = torch.randn(rows, 256)
+    for bias in (b, None):
+        given = kernels.linear(x, q, s, bias, 4, activations)
+        widened = kernels.linear(x, q, s.float(), None if bias is None else bias.float(), 4, activations)
+        assert torch.equal(given, widened)
+    assert not torch.equal(kernels.linear(x, q, s, b, 4, activations), kernels.linear(x, q, s, None, 4, activations))
+
+
+@needs_integer_path
 @pytest.mark.parametrize("rows", [2, 9])  # the row-major kernel and the decoded tile
 def test_bf16_rows_are_quantized_and_written_as_they_are(kernels, activations, rows):
     """The kernel reads bf16 rows and writes bf16 results itself (no converted copies): the bits are those of the
