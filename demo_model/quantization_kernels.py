@@ -832,6 +832,17 @@ static inline void add_weighted_values(RowOf value_row, const float* p, int64_t 
   for (int c = 0; c < NV; c++) vstore(sums + d0 + c * V, acc[c]);
 }
 
+// p[0 .. count) = exp(p - top) in place, top their maximum; returns 1 / their sum, or 0 where no key is seen or
+// every one is blocked (top -inf): such a query gives zeros
+static inline float softmax_weights(float* p, int64_t count, float top) {
+  float total = 0.f;
+  for (int64_t t = 0; t < count; t++) {
+    p[t] = top == -INFINITY ? 0.f : std::exp(p[t] - top);
+    total += p[t];
+  }
+  return total > 0.f ? 1.f / total : 0.f;
+}
+
 constexpr int kValueVectors = 8;  // value sums held in registers at a time (head_dim 128 at AVX-512's width)
 
 // sums[0 .. D) += sum_t p[t] v[t] over `count` value rows (value_row(t)), kValueVectors vectors of d at a time. Rows
@@ -895,13 +906,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
           p[t] = st;
           top = std::max(top, st);
         }
-        float total = 0.f;
-        for (int64_t t = 0; t < T; t++) {
-          p[t] = top == -INFINITY ? 0.f : std::exp(p[t] - top);  // a row with every key blocked gives zeros
-          total += p[t];
-        }
+        const float inv = softmax_weights(p.data(), T, top);
         float* ol = op + ((b * H + h) * L + l) * D;
-        const float inv = total > 0.f ? 1.f / total : 0.f;
         std::fill(ol, ol + D, 0.f);
         add_weighted_rows<uint16_t>(value_row, p.data(), T, D, ol);
         for (int64_t d = 0; d < D; d++) ol[d] *= inv;
@@ -955,12 +961,12 @@ static void paged_attention_impl(const float* q, const uint16_t* q_bf16, const E
   std::vector<int64_t> starts;  // groups of up to QT consecutive queries of one sequence
   for (int64_t i = 0; i < N; i++)
     if (starts.empty() || rows[i] != rows[starts.back()] || i - starts.back() == QT) starts.push_back(i);
-  const int64_t G = starts.size(), group = head_group(G, H), head_groups = H / group;
+  const int64_t G = starts.size(), nh = head_group(G, H), head_groups = H / nh;  // nh heads per work item
   starts.push_back(N);
   at::parallel_for(0, G * head_groups, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p, sums, top, inv;
     for (int64_t i = i0; i < i1; i++) {
-      const int64_t g = i / head_groups, h0 = i % head_groups * group, nh = group;
+      const int64_t g = i / head_groups, h0 = i % head_groups * nh;
       const int64_t first = starts[g], n = starts[g + 1] - first;
       const int32_t* table = tables + rows[first] * max_blocks;
       int64_t T = 0;
@@ -995,11 +1001,8 @@ static void paged_attention_impl(const float* q, const uint16_t* q_bf16, const E
       inv.assign(n * nh, 0.f);
       for (int64_t j = 0; j < n; j++)
         for (int64_t hh = 0; hh < nh; hh++) {
-          const int64_t s = j * nh + hh, seen = visible[first + j];
-          float total = 0.f;
-          float* ps = p.data() + s * T;
-          for (int64_t t = 0; t < seen; t++) total += (ps[t] = std::exp(ps[t] - top[s]));
-          inv[s] = total > 0.f ? 1.f / total : 0.f;  // a query that sees no key gives zeros
+          const int64_t s = j * nh + hh;
+          inv[s] = softmax_weights(p.data() + s * T, visible[first + j], top[s]);
         }
       // the weighted values, block by block
       sums.assign(n * nh * D, 0.f);
